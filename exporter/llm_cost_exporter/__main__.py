@@ -1,0 +1,3 @@
+from llm_cost_exporter.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""The HTTP application: ingest API, /metrics, health. Built by a factory, never at import."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CollectorRegistry
+from prometheus_client import exposition as prom_exposition
+from prometheus_client.openmetrics import exposition as om_exposition
+
+from llm_cost_exporter import __version__
+from llm_cost_exporter.auth import bearer_ok
+from llm_cost_exporter.clock import Clock
+from llm_cost_exporter.collector import LedgerCollector
+from llm_cost_exporter.commit_queue import CommitQueue
+from llm_cost_exporter.config import Config
+from llm_cost_exporter.events import Attribution
+from llm_cost_exporter.ingest import IngestError, IngestLimits, parse_events
+from llm_cost_exporter.labels import LabelGuard
+from llm_cost_exporter.ledger import Ledger, LedgerUnavailable
+from llm_cost_exporter.price_db import GenAIPricesDB
+from llm_cost_exporter.pricer import Pricer
+from llm_cost_exporter.recorder import Recorder
+from llm_cost_exporter.stats import ExporterStats
+
+log = logging.getLogger(__name__)
+# The classic text format every Prometheus since 2.0 reads; our names need no UTF-8 escaping.
+TEXT_FORMAT_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ExporterState:
+    """Everything a running exporter holds; one per app instance."""
+
+    def __init__(self, config: Config, ledger: Ledger, clock: Clock,
+                 price_db: GenAIPricesDB | None) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.clock = clock
+        self.stats = ExporterStats()
+        self.guard = LabelGuard(
+            config.labels.max_values_per_label,
+            known={"department": config.known_departments, "project": config.known_projects},
+        )
+        label_values = getattr(ledger, "label_values", None)
+        if label_values is not None:
+            for label, values in label_values().items():
+                self.guard.seed(label, values)
+        self.commits = CommitQueue(ledger)
+        self.recorder = Recorder(Pricer(config.price_table, price_db), self.guard, self.commits)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(LedgerCollector(lambda: self.config, ledger, clock.now,
+                                               self.guard, self.stats))
+        self.limits = IngestLimits(
+            max_batch_events=config.ingest.max_batch_events,
+            max_future_seconds=config.ingest.max_future_seconds,
+            max_value_length=config.labels.max_value_length,
+        )
+
+
+def create_app(config: Config, ledger: Ledger, clock: Clock, *,
+               price_db: GenAIPricesDB | None = None) -> FastAPI:
+    state = ExporterState(config, ledger, clock, price_db)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        yield
+        # Graceful stop: commit what is queued before the process exits.
+        state.commits.close()
+
+    app = FastAPI(title="llm-cost-exporter", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.exporter = state
+
+    @app.post("/v1/usage", status_code=202)
+    async def ingest(request: Request) -> Response:
+        if not bearer_ok(request.headers.get("authorization"), state.config.ingest.tokens):
+            state.stats.reject("unauthorized")
+            return _error(401, "unauthorized", "missing or wrong bearer token",
+                          headers={"WWW-Authenticate": "Bearer"})
+        try:
+            raw = await _read_body(request, state.config.ingest.max_body_bytes)
+        except BodyTooLarge:
+            state.stats.reject("too_large")
+            return _error(413, "too_large",
+                          f"body larger than {state.config.ingest.max_body_bytes} bytes")
+        try:
+            body = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            state.stats.reject("invalid")
+            message = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            return _error(400, "invalid_json", f"body: not valid JSON ({message})"[:300])
+        defaults = Attribution(state.config.default_department, state.config.default_project)
+        try:
+            events = parse_events(body, defaults=defaults, now=state.clock.now(),
+                                  limits=state.limits)
+        except IngestError as exc:
+            state.stats.reject("invalid")
+            return JSONResponse(status_code=422, content={
+                "error": "invalid_usage",
+                "message": "nothing from this request was recorded; fix these fields",
+                "errors": [{"field": f, "message": m} for f, m in exc.errors[:100]],
+            })
+        try:
+            result = await state.recorder.record(events)
+        except LedgerUnavailable as exc:
+            state.stats.reject("unavailable")
+            state.stats.ledger_error()
+            log.error("ledger write failed", extra={"error": str(exc)})
+            return _error(503, "ledger_unavailable",
+                          "the ledger cannot be written; nothing was recorded, retry later",
+                          headers={"Retry-After": "5"})
+        state.stats.ledger_up = True
+        return JSONResponse(status_code=202, content={"accepted": result.accepted,
+                                                      "duplicates": result.duplicates})
+
+    @app.get("/metrics")
+    def metrics(request: Request) -> Response:
+        accept = request.headers.get("accept", "")
+        if "application/openmetrics-text" in accept:
+            data = om_exposition.generate_latest(state.registry)
+            return Response(data, media_type=om_exposition.CONTENT_TYPE_LATEST)
+        return Response(prom_exposition.generate_latest(state.registry),
+                        media_type=TEXT_FORMAT_0_0_4)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        try:
+            state.ledger.check()
+        except LedgerUnavailable as exc:
+            state.stats.ledger_up = False
+            return _error(503, "not_ready", str(exc))
+        state.stats.ledger_up = True
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/")
+    def index() -> PlainTextResponse:
+        return PlainTextResponse(
+            f"llm-cost-exporter {__version__}\n"
+            "POST /v1/usage  ingest usage events\nGET /metrics  Prometheus metrics\n"
+            "GET /healthz  liveness\nGET /readyz  readiness (ledger writable)\n")
+
+    return app
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _error(status: int, code: str, message: str,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": code, "message": message},
+                        headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # a lying or missing Content-Length cannot get past the limit
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)

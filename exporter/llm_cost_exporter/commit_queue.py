@@ -1,0 +1,81 @@
+"""Group commit: many concurrent requests share one ledger transaction.
+
+Requests hand their batch to a single writer thread and wait; the thread takes everything
+that queued up while the previous commit ran and commits it together. Every caller is
+answered only after the commit that holds its batch, so an acknowledged event is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+from llm_cost_exporter.events import PricedEvent
+from llm_cost_exporter.ledger import BatchResult, Ledger
+
+_STOP = object()
+
+
+class CommitQueue:
+    def __init__(self, ledger: Ledger, max_events_per_commit: int = 20_000) -> None:
+        self._ledger = ledger
+        self._max_events = max_events_per_commit
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+        self._thread.start()
+        self.commits = 0
+
+    def submit(self, batch: Sequence[PricedEvent]) -> Future[BatchResult]:
+        future: Future[BatchResult] = Future()
+        self._queue.put((batch, future))
+        return future
+
+    async def record(self, batch: Sequence[PricedEvent]) -> BatchResult:
+        return await asyncio.wrap_future(self.submit(batch))
+
+    def record_sync(self, batch: Sequence[PricedEvent], timeout: float = 30) -> BatchResult:
+        return self.submit(batch).result(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            pending = [item]
+            size = len(item[0])  # type: ignore[index]
+            stop = False
+            while size < self._max_events:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stop = True
+                    break
+                pending.append(more)
+                size += len(more[0])  # type: ignore[index]
+            self._commit(pending)  # type: ignore[arg-type]
+            if stop:
+                return
+
+    def _commit(self, pending: list[tuple[Sequence[PricedEvent], Future[BatchResult]]]) -> None:
+        try:
+            results = self._ledger.record([batch for batch, _ in pending])
+        except Exception as exc:  # the whole commit failed: every waiter learns why
+            for _, future in pending:
+                future.set_exception(exc)
+            return
+        self.commits += 1
+        for (_, future), result in zip(pending, results, strict=True):
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def close(self, timeout: float = 30) -> None:
+        """Commit everything already queued, then stop the writer."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout)

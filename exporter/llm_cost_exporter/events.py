@@ -1,0 +1,118 @@
+"""The one event model every usage source (ingest, proxy, reporter) is turned into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+OUTCOMES = ("success", "error", "client_closed")
+TOKEN_TYPES = ("input", "cache_read", "cache_write", "output")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCounts:
+    """Disjoint billing buckets. `reasoning` is a subset of `output`, never priced twice.
+
+    `cache_write_1h` is the part of cache writes stored for one hour (Anthropic prices it
+    higher); the rest of `cache_write` is the 5-minute kind.
+    """
+
+    input: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+    output: int = 0
+    reasoning: int = 0
+    cache_write_1h: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("input", "cache_read", "cache_write", "output", "reasoning", "cache_write_1h"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"{name}: must be a non-negative integer")
+        if self.reasoning > self.output:
+            raise ValueError("reasoning: must not exceed output (it is a subset of output)")
+        if self.cache_write_1h > self.cache_write:
+            raise ValueError("cache_write_1h: must not exceed cache_write")
+
+    @property
+    def prompt_total(self) -> int:
+        """Every input-side token, cached or not: what long-context tiers are judged on."""
+        return self.input + self.cache_read + self.cache_write
+
+    @property
+    def billed_total(self) -> int:
+        return self.prompt_total + self.output
+
+    def __add__(self, other: TokenCounts) -> TokenCounts:
+        return TokenCounts(
+            input=self.input + other.input,
+            cache_read=self.cache_read + other.cache_read,
+            cache_write=self.cache_write + other.cache_write,
+            output=self.output + other.output,
+            reasoning=self.reasoning + other.reasoning,
+            cache_write_1h=self.cache_write_1h + other.cache_write_1h,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    department: str
+    project: str
+    user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """One LLM call, whatever way it reached us. Timestamps are aware UTC datetimes."""
+
+    attribution: Attribution
+    provider: str
+    model: str
+    tokens: TokenCounts
+    timestamp: datetime
+    outcome: str = "success"
+    latency_seconds: float | None = None
+    request_id: str | None = None
+    source: str = "ingest"
+
+    def __post_init__(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"outcome: must be one of {', '.join(OUTCOMES)}")
+        if self.timestamp.tzinfo is None:
+            raise ValueError("timestamp: must be timezone-aware")
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """Cost of one event in USD, per bucket, exact."""
+
+    input: Decimal = Decimal(0)
+    cache_read: Decimal = Decimal(0)
+    cache_write: Decimal = Decimal(0)
+    output: Decimal = Decimal(0)
+
+    @property
+    def total(self) -> Decimal:
+        return self.input + self.cache_read + self.cache_write + self.output
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesLabels:
+    """Label values as exported: capped and bounded, unlike the raw attribution."""
+
+    department: str
+    project: str
+    provider: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class PricedEvent:
+    event: UsageEvent
+    labels: SeriesLabels
+    cost: Cost = field(default_factory=Cost)
+    priced: bool = True
+    # Where the price came from ("pricing.overrides: gpt-4o", "genai-prices 0.2.3: ..."):
+    # kept in the ledger so a bill can be explained later.
+    price_source: str = ""

@@ -1,0 +1,226 @@
+"""Validate ingest payloads into UsageEvents. Every bad field is named; none is guessed."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from llm_cost_exporter.events import OUTCOMES, Attribution, TokenCounts, UsageEvent
+from llm_cost_exporter.usage import MAX_TOKENS, UsageError, parse_response, parse_usage
+
+_EVENT_KEYS = {"request_id", "department", "project", "user", "provider", "model",
+               "timestamp", "latency_seconds", "status", "usage", "response", "tokens"}
+_TOKEN_KEYS = ("input", "cache_read", "cache_write", "cache_write_1h", "output", "reasoning")
+_PROVIDER = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_REQUEST_ID = 256
+MAX_LATENCY_SECONDS = 86_400.0
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    max_batch_events: int = 10_000
+    max_future_seconds: int = 300
+    max_value_length: int = 128
+
+
+class IngestError(ValueError):
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{f}: {m}" for f, m in errors))
+        self.errors = errors
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.errors: list[tuple[str, str]] = []
+
+    def add(self, field: str, message: str) -> None:
+        self.errors.append((field, message))
+
+
+def parse_events(body: Any, *, defaults: Attribution, now: datetime,
+                 limits: IngestLimits) -> list[UsageEvent]:
+    """A JSON value (one event object or a list of them) -> events, or IngestError."""
+    if isinstance(body, Mapping):
+        items, prefix = [body], None
+    elif isinstance(body, list):
+        items, prefix = body, "events"
+        if not items:
+            raise IngestError([("events", "empty batch")])
+        if len(items) > limits.max_batch_events:
+            raise IngestError([("events", f"more than {limits.max_batch_events} events in one "
+                                          "batch: split it")])
+    else:
+        raise IngestError([("body", "must be an event object or a list of events")])
+    errors = _Collector()
+    events = []
+    for i, item in enumerate(items):
+        path = f"{prefix}[{i}]" if prefix else ""
+        event = _parse_event(item, path, defaults, now, limits, errors)
+        if event is not None:
+            events.append(event)
+    if errors.errors:
+        raise IngestError(errors.errors)
+    return events
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _label(obj: Mapping[str, Any], key: str, path: str, default: str | None,
+           limits: IngestLimits, errors: _Collector) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return default
+    field = _join(path, key)
+    if not isinstance(value, str) or not value.strip():
+        errors.add(field, "must be a non-empty string")
+        return None
+    if len(value) > limits.max_value_length:
+        errors.add(field, f"longer than {limits.max_value_length} characters")
+        return None
+    if _CONTROL.search(value):
+        errors.add(field, "must not contain control characters")
+        return None
+    return value.strip()
+
+
+def _parse_event(item: Any, path: str, defaults: Attribution, now: datetime,
+                 limits: IngestLimits, errors: _Collector) -> UsageEvent | None:
+    if not isinstance(item, Mapping):
+        errors.add(path or "body", "must be an object")
+        return None
+    before = len(errors.errors)
+    for key in item:
+        if key not in _EVENT_KEYS:
+            errors.add(_join(path, str(key)), "unknown field")
+    department = _label(item, "department", path, defaults.department, limits, errors)
+    project = _label(item, "project", path, defaults.project, limits, errors)
+    user = _label(item, "user", path, defaults.user, limits, errors)
+    provider = _label(item, "provider", path, None, limits, errors)
+    if "provider" not in item:
+        errors.add(_join(path, "provider"), "is required")
+    elif provider is not None:
+        provider = provider.lower()
+        if not _PROVIDER.match(provider):
+            errors.add(_join(path, "provider"), "must match [a-z0-9][a-z0-9._-]{0,63}")
+    model = _label(item, "model", path, None, limits, errors)
+    request_id = item.get("request_id")
+    if request_id is not None and (not isinstance(request_id, str) or not request_id
+                                   or len(request_id) > MAX_REQUEST_ID):
+        errors.add(_join(path, "request_id"), f"must be a string of 1-{MAX_REQUEST_ID} chars")
+    timestamp = _timestamp(item.get("timestamp"), _join(path, "timestamp"), now, limits, errors)
+    latency = _latency(item.get("latency_seconds"), _join(path, "latency_seconds"), errors)
+    outcome = _outcome(item.get("status"), _join(path, "status"), errors)
+    tokens, reported_model = _tokens(item, path, provider, errors)
+    model = model or reported_model
+    if model is None and "model" not in item:
+        errors.add(_join(path, "model"), "is required (or send a response body that names it)")
+    if len(errors.errors) > before:
+        return None
+    assert department and project and provider and model and tokens and timestamp
+    return UsageEvent(
+        attribution=Attribution(department=department, project=project, user=user),
+        provider=provider, model=model, tokens=tokens, timestamp=timestamp,
+        outcome=outcome or "success", latency_seconds=latency, request_id=request_id,
+        source="ingest",
+    )
+
+
+def _tokens(item: Mapping[str, Any], path: str, provider: str | None,
+            errors: _Collector) -> tuple[TokenCounts | None, str | None]:
+    forms = [k for k in ("usage", "response", "tokens") if item.get(k) is not None]
+    if len(forms) != 1:
+        errors.add(_join(path, "usage"), "send exactly one of usage, response or tokens")
+        return None, None
+    form = forms[0]
+    field = _join(path, form)
+    try:
+        if form == "usage":
+            return parse_usage(item["usage"], provider, field), None
+        if form == "response":
+            model, tokens = parse_response(item["response"], provider, field)
+            return tokens, model
+        return _normalized(item["tokens"], field), None
+    except UsageError as exc:
+        errors.add(exc.field, exc.message)
+    except ValueError as exc:
+        errors.add(field, str(exc))
+    return None, None
+
+
+def _normalized(obj: Any, field: str) -> TokenCounts:
+    if not isinstance(obj, Mapping):
+        raise UsageError(field, "must be an object")
+    values: dict[str, int] = {}
+    for key, value in obj.items():
+        if key not in _TOKEN_KEYS:
+            raise UsageError(f"{field}.{key}", f"unknown token type (allowed: "
+                                               f"{', '.join(_TOKEN_KEYS)})")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UsageError(f"{field}.{key}", "must be a non-negative integer")
+        if value > MAX_TOKENS:
+            raise UsageError(f"{field}.{key}", f"must be at most {MAX_TOKENS}")
+        values[key] = value
+    try:
+        return TokenCounts(**values)
+    except ValueError as exc:
+        name = str(exc).split(":", 1)[0]
+        raise UsageError(f"{field}.{name}", str(exc).split(": ", 1)[-1]) from None
+
+
+def _timestamp(value: Any, field: str, now: datetime, limits: IngestLimits,
+               errors: _Collector) -> datetime | None:
+    if value is None:
+        return now
+    ts: datetime | None = None
+    if isinstance(value, bool):
+        pass
+    elif isinstance(value, int | float):
+        if math.isfinite(value) and 0 <= value < 1e11:
+            ts = datetime.fromtimestamp(value, UTC)
+        elif math.isfinite(value) and 1e11 <= value < 1e14:
+            errors.add(field, "looks like milliseconds: send epoch seconds")
+            return None
+    elif isinstance(value, str):
+        try:
+            ts = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            ts = None
+        if ts is not None and ts.tzinfo is None:
+            errors.add(field, "must carry a time zone offset (e.g. Z or +07:00)")
+            return None
+    if ts is None:
+        errors.add(field, "must be an RFC 3339 string or epoch seconds")
+        return None
+    ts = ts.astimezone(UTC)
+    if ts > now + timedelta(seconds=limits.max_future_seconds):
+        errors.add(field, f"is more than {limits.max_future_seconds} s in the future")
+        return None
+    return ts
+
+
+def _latency(value: Any, field: str, errors: _Collector) -> float | None:
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or not 0 <= value <= MAX_LATENCY_SECONDS):
+        errors.add(field, f"must be a number of seconds in [0, {MAX_LATENCY_SECONDS:g}]")
+        return None
+    return float(value)
+
+
+def _outcome(value: Any, field: str, errors: _Collector) -> str | None:
+    if value is None:
+        return "success"
+    if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+        return "success" if value < 400 else "error"
+    if isinstance(value, str) and value in OUTCOMES:
+        return value
+    errors.add(field, f"must be an HTTP status code or one of {', '.join(OUTCOMES)}")
+    return None

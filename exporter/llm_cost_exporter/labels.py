@@ -1,0 +1,57 @@
+"""Bound label cardinality: known values pass, new values are admitted up to a cap."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterable
+
+from llm_cost_exporter.events import SeriesLabels, UsageEvent
+
+OVERFLOW = "other"
+GUARDED = ("department", "project", "provider", "model")
+
+
+class LabelGuard:
+    """Maps raw attribution to exported label values.
+
+    Values named in config always pass. Other values are admitted first-come until
+    `max_values` distinct values of that label exist; later ones become `other` and are
+    counted, so a typo storm or an attacker cannot create unbounded series.
+    """
+
+    def __init__(self, max_values: int, known: dict[str, Iterable[str]] | None = None) -> None:
+        self._max = max_values
+        self._known = {name: frozenset((known or {}).get(name, ())) for name in GUARDED}
+        self._admitted: dict[str, set[str]] = {name: set() for name in GUARDED}
+        self.overflow: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def seed(self, label: str, values: Iterable[str]) -> None:
+        """Re-admit values already in the ledger, so a restart keeps the same series."""
+        with self._lock:
+            admitted = self._admitted[label]
+            for value in values:
+                if value != OVERFLOW and value not in self._known[label]:
+                    admitted.add(value)
+
+    def _map(self, label: str, value: str) -> str:
+        if value in self._known[label]:
+            return value
+        admitted = self._admitted[label]
+        if value in admitted:
+            return value
+        if len(admitted) < self._max:
+            admitted.add(value)
+            return value
+        self.overflow[label] += 1
+        return OVERFLOW
+
+    def labels_for(self, event: UsageEvent) -> SeriesLabels:
+        with self._lock:
+            return SeriesLabels(
+                department=self._map("department", event.attribution.department),
+                project=self._map("project", event.attribution.project),
+                provider=self._map("provider", event.provider),
+                model=self._map("model", event.model),
+            )

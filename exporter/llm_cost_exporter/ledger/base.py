@@ -1,0 +1,118 @@
+"""The Ledger interface and the running-total types every backend keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import NamedTuple, Protocol
+
+from llm_cost_exporter.events import PricedEvent
+
+# Upper bounds (seconds) of the request-duration histogram: LLM calls take from a tenth of a
+# second (small embeddings) to minutes (long reasoning).
+LATENCY_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+                                      120.0, 300.0)
+
+
+class LedgerUnavailable(RuntimeError):
+    """The ledger cannot take writes (read-only file, disk full, database gone)."""
+
+
+class SeriesKey(NamedTuple):
+    department: str
+    project: str
+    provider: str
+    model: str
+    outcome: str
+
+
+@dataclass(slots=True)
+class SeriesTotals:
+    requests: int = 0
+    input: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+    output: int = 0
+    reasoning: int = 0
+    unpriced: int = 0
+    cost: Decimal = Decimal(0)
+
+    def add(self, other: SeriesTotals) -> None:
+        self.requests += other.requests
+        self.input += other.input
+        self.cache_read += other.cache_read
+        self.cache_write += other.cache_write
+        self.output += other.output
+        self.reasoning += other.reasoning
+        self.unpriced += other.unpriced
+        self.cost += other.cost
+
+    def copy(self) -> SeriesTotals:
+        return SeriesTotals(self.requests, self.input, self.cache_read, self.cache_write,
+                            self.output, self.reasoning, self.unpriced, self.cost)
+
+
+@dataclass(slots=True)
+class LatencyTotals:
+    # Non-cumulative counts per LATENCY_BUCKETS bound, plus one for +Inf.
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        index = len(LATENCY_BUCKETS)
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                index = i
+                break
+        self.counts[index] += 1
+        self.total += seconds
+        self.count += 1
+
+    def add(self, other: LatencyTotals) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.total += other.total
+        self.count += other.count
+
+    def copy(self) -> LatencyTotals:
+        return LatencyTotals(list(self.counts), self.total, self.count)
+
+
+@dataclass(slots=True)
+class Totals:
+    """Committed running totals: what /metrics shows. Never includes uncommitted work."""
+
+    series: dict[SeriesKey, SeriesTotals] = field(default_factory=dict)
+    latency: dict[tuple[str, str], LatencyTotals] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    accepted: int
+    duplicates: int
+
+
+class Ledger(Protocol):
+    def record(self, batches: Sequence[Sequence[PricedEvent]]) -> list[BatchResult | Exception]:
+        """Write batches in one commit; each batch is all-or-nothing, results in order.
+
+        Raises LedgerUnavailable when nothing could be committed.
+        """
+        ...
+
+    def totals(self) -> Totals:
+        """A consistent copy of the committed running totals."""
+        ...
+
+    def spend(self, department: str, project: str | None, start: datetime,
+              end: datetime) -> Decimal:
+        """USD spent by a department (project None = all its projects) in [start, end)."""
+        ...
+
+    def check(self) -> None:
+        """Raise LedgerUnavailable unless the ledger can be read and written."""
+        ...
+
+    def close(self) -> None: ...

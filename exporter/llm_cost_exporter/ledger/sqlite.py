@@ -1,0 +1,256 @@
+"""SQLite ledger (WAL). One writer connection; readers use their own connection."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+from pathlib import Path
+
+from llm_cost_exporter.events import PricedEvent
+from llm_cost_exporter.ledger.base import (
+    BatchResult,
+    LatencyTotals,
+    LedgerUnavailable,
+    SeriesKey,
+    SeriesTotals,
+    Totals,
+)
+from llm_cost_exporter.ledger.migrations import migrate
+
+SLOT_SECONDS = 900
+PICO = Decimal("1e12")
+
+_INSERT_EVENT = """
+INSERT OR IGNORE INTO events (request_id, ts, department, project, provider, model,
+    raw_department, raw_project, raw_model, user_name, outcome, input, cache_read, cache_write,
+    cache_write_1h, output, reasoning, cost_usd, priced, price_source, latency_seconds, source,
+    recorded_at)
+VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+"""
+_UPSERT_TOTALS = """
+INSERT INTO totals (department, project, provider, model, outcome, requests, input, cache_read,
+    cache_write, output, reasoning, unpriced, cost_usd)
+VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
+ON CONFLICT (department, project, provider, model, outcome) DO UPDATE SET
+    requests=excluded.requests, input=excluded.input, cache_read=excluded.cache_read,
+    cache_write=excluded.cache_write, output=excluded.output, reasoning=excluded.reasoning,
+    unpriced=excluded.unpriced, cost_usd=excluded.cost_usd
+"""
+_UPSERT_LATENCY = """
+INSERT INTO latency_totals (provider, model, counts, total, count) VALUES (?,?,?,?,?)
+ON CONFLICT (provider, model) DO UPDATE SET
+    counts=excluded.counts, total=excluded.total, count=excluded.count
+"""
+_ADD_SPEND = """
+INSERT INTO spend_slots (department, project, slot, cost_pico) VALUES (?,?,?,?)
+ON CONFLICT (department, project, slot) DO UPDATE SET cost_pico = cost_pico + excluded.cost_pico
+"""
+
+
+def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    # Autocommit mode: transactions are explicit BEGIN/COMMIT, so a batch is never half-written.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+class SQLiteLedger:
+    def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._synchronous = synchronous
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._totals_lock = threading.Lock()
+        try:
+            self._writer = _connect(path, synchronous)
+            self.schema_version = migrate(self._writer)
+            self._reader = _connect(path, synchronous)
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"cannot open ledger {path}: {exc}") from exc
+        self._totals = self._load_totals()
+
+    # -- start-up -------------------------------------------------------------------------
+    def _load_totals(self) -> Totals:
+        totals = Totals()
+        for row in self._writer.execute(
+            "SELECT department, project, provider, model, outcome, requests, input, cache_read,"
+            " cache_write, output, reasoning, unpriced, cost_usd FROM totals"
+        ):
+            totals.series[SeriesKey(*row[:5])] = SeriesTotals(
+                requests=row[5], input=row[6], cache_read=row[7], cache_write=row[8],
+                output=row[9], reasoning=row[10], unpriced=row[11], cost=Decimal(row[12]))
+        for provider, model, counts, total, count in self._writer.execute(
+            "SELECT provider, model, counts, total, count FROM latency_totals"
+        ):
+            totals.latency[(provider, model)] = LatencyTotals(json.loads(counts), total, count)
+        return totals
+
+    # -- writes ---------------------------------------------------------------------------
+    def record(self, batches: Sequence[Sequence[PricedEvent]]) -> list[BatchResult | Exception]:
+        with self._write_lock:
+            return self._record(batches)
+
+    def _record(self, batches: Sequence[Sequence[PricedEvent]]) -> list[BatchResult | Exception]:
+        conn = self._writer
+        now = time.time()
+        results: list[BatchResult | Exception] = []
+        series: dict[SeriesKey, SeriesTotals] = {}
+        latency: dict[tuple[str, str], LatencyTotals] = {}
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"ledger not writable: {exc}") from exc
+        try:
+            for batch in batches:
+                conn.execute("SAVEPOINT batch")
+                try:
+                    result, b_series, b_latency = self._write_batch(conn, batch, now)
+                except sqlite3.Error as exc:
+                    conn.execute("ROLLBACK TO batch")
+                    conn.execute("RELEASE batch")
+                    results.append(LedgerUnavailable(f"batch not written: {exc}"))
+                    continue
+                conn.execute("RELEASE batch")
+                results.append(result)
+                _merge(series, b_series, latency, b_latency)
+            self._write_totals(conn, series, latency)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            raise LedgerUnavailable(f"ledger commit failed: {exc}") from exc
+        except BaseException:
+            _rollback(conn)
+            raise
+        # Only now, after COMMIT, do the new totals become visible to scrapes.
+        with self._totals_lock:
+            _merge(self._totals.series, series, self._totals.latency, latency)
+        return results
+
+    def _write_batch(self, conn: sqlite3.Connection, batch: Sequence[PricedEvent], now: float
+                     ) -> tuple[BatchResult, dict[SeriesKey, SeriesTotals],
+                                dict[tuple[str, str], LatencyTotals]]:
+        accepted = duplicates = 0
+        series: dict[SeriesKey, SeriesTotals] = {}
+        latency: dict[tuple[str, str], LatencyTotals] = {}
+        for priced in batch:
+            ev, lab, tok = priced.event, priced.labels, priced.event.tokens
+            cost = priced.cost.total
+            ts = ev.timestamp.timestamp()
+            cur = conn.execute(_INSERT_EVENT, (
+                ev.request_id, ts, lab.department, lab.project, lab.provider, lab.model,
+                _if_differs(ev.attribution.department, lab.department),
+                _if_differs(ev.attribution.project, lab.project),
+                _if_differs(ev.model, lab.model), ev.attribution.user, ev.outcome,
+                tok.input, tok.cache_read, tok.cache_write, tok.cache_write_1h, tok.output,
+                tok.reasoning, str(cost), int(priced.priced), priced.price_source,
+                ev.latency_seconds, ev.source, now))
+            if cur.rowcount == 0:
+                duplicates += 1  # same request_id already recorded: count it once
+                continue
+            accepted += 1
+            key = SeriesKey(lab.department, lab.project, lab.provider, lab.model, ev.outcome)
+            s = series.setdefault(key, SeriesTotals())
+            s.add(SeriesTotals(1, tok.input, tok.cache_read, tok.cache_write, tok.output,
+                               tok.reasoning, 0 if priced.priced else 1, cost))
+            if ev.latency_seconds is not None:
+                latency.setdefault((lab.provider, lab.model), LatencyTotals()).observe(
+                    ev.latency_seconds)
+            if cost:
+                pico = int((cost * PICO).to_integral_value(ROUND_HALF_EVEN))
+                conn.execute(_ADD_SPEND, (lab.department, lab.project,
+                                          int(ts // SLOT_SECONDS) * SLOT_SECONDS, pico))
+        return BatchResult(accepted, duplicates), series, latency
+
+    def _write_totals(self, conn: sqlite3.Connection, series: dict[SeriesKey, SeriesTotals],
+                      latency: dict[tuple[str, str], LatencyTotals]) -> None:
+        with self._totals_lock:
+            committed_series = {k: self._totals.series.get(k) for k in series}
+            committed_latency = {k: self._totals.latency.get(k) for k in latency}
+        rows = []
+        for key, delta in series.items():
+            new = (committed_series[key] or SeriesTotals()).copy()
+            new.add(delta)
+            rows.append((*key, new.requests, new.input, new.cache_read, new.cache_write,
+                         new.output, new.reasoning, new.unpriced, str(new.cost)))
+        conn.executemany(_UPSERT_TOTALS, rows)
+        lat_rows = []
+        for (provider, model), delta in latency.items():
+            lat = (committed_latency[(provider, model)] or LatencyTotals()).copy()
+            lat.add(delta)
+            lat_rows.append((provider, model, json.dumps(lat.counts), lat.total, lat.count))
+        conn.executemany(_UPSERT_LATENCY, lat_rows)
+
+    # -- reads ----------------------------------------------------------------------------
+    def totals(self) -> Totals:
+        with self._totals_lock:
+            return Totals(
+                series={k: v.copy() for k, v in self._totals.series.items()},
+                latency={k: v.copy() for k, v in self._totals.latency.items()},
+            )
+
+    def spend(self, department: str, project: str | None, start: datetime,
+              end: datetime) -> Decimal:
+        lo, hi = int(start.timestamp()), int(end.timestamp())
+        if project is None:
+            sql = ("SELECT cost_pico FROM spend_slots WHERE department=? AND slot>=? AND slot<?")
+            args: tuple[object, ...] = (department, lo, hi)
+        else:
+            sql = ("SELECT cost_pico FROM spend_slots WHERE department=? AND project=?"
+                   " AND slot>=? AND slot<?")
+            args = (department, project, lo, hi)
+        with self._read_lock:
+            try:
+                rows = self._reader.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise LedgerUnavailable(f"ledger not readable: {exc}") from exc
+        # Summed in Python: arbitrary precision, no 64-bit overflow.
+        return Decimal(sum(r[0] for r in rows)) / PICO
+
+    def check(self) -> None:
+        with self._write_lock:
+            try:
+                self._writer.execute("BEGIN IMMEDIATE")
+                self._writer.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                _rollback(self._writer)
+                raise LedgerUnavailable(f"ledger not writable: {exc}") from exc
+
+    def label_values(self) -> dict[str, set[str]]:
+        with self._totals_lock:
+            keys = list(self._totals.series)
+        return {
+            "department": {k.department for k in keys}, "project": {k.project for k in keys},
+            "provider": {k.provider for k in keys}, "model": {k.model for k in keys},
+        }
+
+    def close(self) -> None:
+        with self._write_lock, self._read_lock:
+            self._reader.close()
+            self._writer.close()
+
+
+def _if_differs(raw: str, label: str) -> str | None:
+    return raw if raw != label else None
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("ROLLBACK")
+
+
+def _merge(series: dict[SeriesKey, SeriesTotals], more_series: dict[SeriesKey, SeriesTotals],
+           latency: dict[tuple[str, str], LatencyTotals],
+           more_latency: dict[tuple[str, str], LatencyTotals]) -> None:
+    for key, value in more_series.items():
+        series.setdefault(key, SeriesTotals()).add(value)
+    for lkey, lvalue in more_latency.items():
+        latency.setdefault(lkey, LatencyTotals()).add(lvalue)

@@ -1,0 +1,100 @@
+"""Resolve a (provider, model) to a price, and price usage events.
+
+Resolution: the user's table first (exact, alias, without provider prefix, without date
+suffix), then the bundled genai-prices database through the same name variants. The user's
+table is searched through every variant before the database, so a negotiated price for
+`gpt-4o` also applies to `gpt-4o-2024-08-06`. A model with no price is never guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from datetime import datetime
+from typing import NamedTuple, Protocol
+
+from llm_cost_exporter.events import Cost, UsageEvent
+from llm_cost_exporter.price_table import PriceTable
+from llm_cost_exporter.pricing import PriceSet
+
+log = logging.getLogger(__name__)
+
+_DATE_SUFFIX = re.compile(r"(-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8})$")
+# Our provider names -> genai-prices provider ids where they differ.
+_DB_PROVIDER = {"gemini": "google", "vertex": "google", "bedrock": "aws", "xai": "x-ai"}
+
+
+class Quote(NamedTuple):
+    cost: Cost
+    priced: bool
+    source: str
+
+
+class PriceDB(Protocol):
+    def lookup(self, provider: str | None, model: str, at: datetime) -> PriceSet | None: ...
+
+
+def name_variants(model: str, aliases: dict[str, str]) -> Iterator[str]:
+    """Exact name, then alias, then without provider prefix, then without date suffix;
+    every form also through the alias table."""
+    name = model.strip().lower()
+    unprefixed = name.split("/", 1)[1] if "/" in name else name
+    forms = (name, unprefixed, _DATE_SUFFIX.sub("", unprefixed))
+    seen: set[str] = set()
+    for form in forms:
+        for variant in (form, aliases.get(form)):
+            if variant and variant not in seen:
+                seen.add(variant)
+                yield variant
+
+
+class Pricer:
+    def __init__(self, table: PriceTable, db: PriceDB | None) -> None:
+        self._table = table
+        self._db = db
+        self._cache: dict[tuple[str, str], PriceSet | None] = {}
+        self._warned: set[tuple[str, str]] = set()
+
+    def resolve(self, provider: str, model: str, at: datetime) -> PriceSet | None:
+        key = (provider, model)
+        if key in self._cache:
+            cached = self._cache[key]
+            # Database prices can change at a dated snapshot; table prices cannot.
+            if cached is None or self._db is None or not cached.source.startswith("genai"):
+                return cached
+        price = self._resolve_uncached(provider, model, at)
+        self._cache[key] = price
+        return price
+
+    def _resolve_uncached(self, provider: str, model: str, at: datetime) -> PriceSet | None:
+        prov = provider.lower()
+        priced_as = self._table.provider_aliases.get(prov, prov)
+        variants = list(name_variants(model, self._table.aliases))
+        for variant in variants:
+            for key in ((prov, variant), (priced_as, variant), (None, variant)):
+                found = self._table.models.get(key)
+                if found is not None:
+                    return found
+        if self._db is None:
+            return None
+        db_provider = _DB_PROVIDER.get(priced_as, priced_as)
+        for variant in variants:
+            found = self._db.lookup(db_provider, variant, at)
+            if found is not None:
+                return found
+        return None
+
+    def price(self, event: UsageEvent) -> Quote:
+        price = self.resolve(event.provider, event.model, event.timestamp)
+        if price is not None and not price.covers(event.tokens):
+            price = None  # e.g. output tokens on a model priced for input only
+        if price is None:
+            key = (event.provider, event.model)
+            if key not in self._warned:
+                self._warned.add(key)
+                # Logged once per model: a loud line per request would drown the log.
+                log.warning("no price for model; counted as unpriced with cost 0",
+                            extra={"provider": event.provider, "model": event.model})
+            return Quote(Cost(), False, "")
+        return Quote(price.cost(event.tokens), True, price.source)

@@ -1,0 +1,33 @@
+"""The one pipeline every usage source goes through: attribute, price, label, commit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from llm_cost_exporter.commit_queue import CommitQueue
+from llm_cost_exporter.events import PricedEvent, UsageEvent
+from llm_cost_exporter.labels import LabelGuard
+from llm_cost_exporter.ledger import BatchResult
+from llm_cost_exporter.pricer import Pricer
+
+
+class Recorder:
+    def __init__(self, pricer: Pricer, guard: LabelGuard, commits: CommitQueue) -> None:
+        self.pricer = pricer
+        self.guard = guard
+        self.commits = commits
+
+    def prepare(self, events: Sequence[UsageEvent]) -> list[PricedEvent]:
+        out = []
+        for event in events:
+            quote = self.pricer.price(event)
+            out.append(PricedEvent(event=event, labels=self.guard.labels_for(event),
+                                   cost=quote.cost, priced=quote.priced,
+                                   price_source=quote.source))
+        return out
+
+    async def record(self, events: Sequence[UsageEvent]) -> BatchResult:
+        return await self.commits.record(self.prepare(events))
+
+    def record_sync(self, events: Sequence[UsageEvent]) -> BatchResult:
+        return self.commits.record_sync(self.prepare(events))

@@ -1,0 +1,46 @@
+"""`serve`: load config, open the ledger, run uvicorn with graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from llm_cost_exporter.config import is_loopback, load_config, parse_listen
+from llm_cost_exporter.validation import ConfigError
+
+log = logging.getLogger("llm_cost_exporter")
+
+
+def serve(config_path: Path, listen: str | None, allow_public_listen: bool) -> int:
+    import uvicorn
+
+    from llm_cost_exporter.app import create_app
+    from llm_cost_exporter.clock import SystemClock
+    from llm_cost_exporter.ledger.sqlite import SQLiteLedger
+    from llm_cost_exporter.logs import setup_logging
+    from llm_cost_exporter.price_db import GenAIPricesDB
+
+    config = load_config(config_path)
+    setup_logging(config.log_level)
+    host, port = config.listen_host, config.listen_port
+    if listen:
+        try:
+            host, port = parse_listen(listen)
+        except ValueError as exc:
+            raise ConfigError([f"--listen: {exc}"]) from None
+    public_ok = allow_public_listen or config.allow_public_listen
+    if not is_loopback(host) and not config.ingest.tokens and not public_ok:
+        raise ConfigError([
+            f"listen: {host} is not a loopback address and ingest auth is off; set "
+            "ingest.tokens_env/tokens_file, or pass --allow-public-listen if a firewall or "
+            "network policy protects the port"])
+    ledger = SQLiteLedger(config.ledger.path, config.ledger.synchronous)
+    app = create_app(config, ledger, SystemClock(), price_db=GenAIPricesDB())
+    log.info("starting", extra={"listen": f"{host}:{port}", "ledger": str(config.ledger.path),
+                                "budgets": len(config.budgets)})
+    try:
+        uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
+                    timeout_graceful_shutdown=10, server_header=False)
+    finally:
+        ledger.close()
+    return 0

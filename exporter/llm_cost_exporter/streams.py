@@ -1,0 +1,111 @@
+"""Usage from streamed (Server-Sent Events) responses.
+
+Each provider reports streamed usage differently:
+- OpenAI Chat: the last chunk before `[DONE]` carries `usage` (only when the request set
+  `stream_options.include_usage`); earlier chunks have `"usage": null`.
+- OpenAI Responses: `response.completed` carries the response object with its usage.
+- Anthropic: `message_start` carries input and cache counts; each `message_delta` carries a
+  *cumulative* `output_tokens` (take the last, never add them up), and may repeat input counts.
+- Gemini (`alt=sse`): every chunk carries `usageMetadata`; the last one holds the totals.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_cost_exporter.events import TokenCounts
+from llm_cost_exporter.usage import UsageError, parse_usage
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    event: str | None
+    data: str
+
+
+def iter_sse(text: str) -> Iterator[SSEEvent]:
+    """Split an SSE transcript into events (blank-line separated, `data:` lines joined)."""
+    event: str | None = None
+    data: list[str] = []
+    for raw in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        if raw == "":
+            if data:
+                yield SSEEvent(event, "\n".join(data))
+            event, data = None, []
+            continue
+        if raw.startswith(":"):
+            continue
+        name, _, value = raw.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+    if data:
+        yield SSEEvent(event, "\n".join(data))
+
+
+@dataclass
+class StreamUsage:
+    """Accumulates usage over a stream's events, whatever the provider."""
+
+    provider: str | None = None
+    model: str | None = None
+    _final: Mapping[str, Any] | None = None
+    _anthropic: dict[str, Any] = field(default_factory=dict)
+    _gemini: Mapping[str, Any] | None = None
+
+    def feed(self, data: Any) -> None:
+        if not isinstance(data, Mapping):
+            return
+        kind = data.get("type")
+        if kind == "message_start" and isinstance(data.get("message"), Mapping):
+            message = data["message"]
+            self.model = message.get("model") or self.model
+            self._anthropic.update(message.get("usage") or {})
+        elif kind == "message_delta":
+            # Cumulative counts: the latest value replaces the earlier one.
+            self._anthropic.update({k: v for k, v in (data.get("usage") or {}).items()
+                                    if v is not None})
+        elif kind == "response.completed" and isinstance(data.get("response"), Mapping):
+            response = data["response"]
+            self.model = response.get("model") or self.model
+            self._final = response.get("usage")
+        elif "usageMetadata" in data:
+            self.model = data.get("modelVersion") or self.model
+            self._gemini = data["usageMetadata"]
+        else:
+            self.model = data.get("model") or self.model
+            if data.get("usage"):
+                self._final = data["usage"]
+
+    @property
+    def has_usage(self) -> bool:
+        return bool(self._final or self._anthropic or self._gemini)
+
+    def tokens(self, path: str = "response") -> TokenCounts:
+        if self._anthropic:
+            return parse_usage(self._anthropic, "anthropic", path)
+        if self._gemini is not None:
+            return parse_usage(self._gemini, self.provider, path)
+        if self._final:
+            return parse_usage(self._final, self.provider, path)
+        raise UsageError(path, "stream carries no usage (for OpenAI chat streams set "
+                               "stream_options.include_usage)")
+
+
+def parse_transcript(
+    text: str, provider: str | None = None, path: str = "response"
+) -> tuple[str | None, TokenCounts]:
+    acc = StreamUsage(provider=provider)
+    for event in iter_sse(text):
+        if event.data == "[DONE]":
+            break
+        try:
+            acc.feed(json.loads(event.data))
+        except json.JSONDecodeError as exc:
+            raise UsageError(path, f"SSE data is not JSON: {exc.msg}") from None
+    return acc.model, acc.tokens(path)

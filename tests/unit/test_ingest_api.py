@@ -1,0 +1,243 @@
+"""The ingest API and /metrics, in process, on a real SQLite ledger."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from llm_cost_exporter.app import create_app
+from llm_cost_exporter.clock import FixedClock
+from llm_cost_exporter.config import parse_config
+from llm_cost_exporter.ledger.sqlite import SQLiteLedger
+from llm_cost_exporter.price_db import GenAIPricesDB
+
+from conftest import metric_value, payload
+
+TOKEN = "ingest-token-abcdefghijkl"
+ISSUE_EVENT = {
+    "request_id": "r-1", "department": "engineering", "project": "ai-features",
+    "provider": "openai", "model": "gpt-4o-2024-08-06",
+    "usage": {"prompt_tokens": 2000, "completion_tokens": 500,
+              "prompt_tokens_details": {"cached_tokens": 1536}},
+    "latency_seconds": 1.9,
+}
+SERIES = {"department": "engineering", "project": "ai-features", "provider": "openai",
+          "model": "gpt-4o-2024-08-06"}
+BASE_CONFIG: dict[str, Any] = {
+    "budgets": [
+        {"department": "engineering", "project": "ai-features", "daily_usd": 300,
+         "monthly_usd": 5000},
+        {"department": "data-science", "project": "*", "daily_usd": 100, "monthly_usd": 2000,
+         "timezone": "Asia/Ho_Chi_Minh"},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def price_db() -> GenAIPricesDB:
+    return GenAIPricesDB()
+
+
+def make_client(tmp_path: Path, price_db: GenAIPricesDB, extra: dict[str, Any] | None = None,
+                env: dict[str, str] | None = None) -> TestClient:
+    cfg = parse_config({**BASE_CONFIG, **(extra or {})}, tmp_path, env=env or {})
+    ledger = SQLiteLedger(tmp_path / "ledger.db")
+    clock = FixedClock(datetime(2026, 3, 14, 12, tzinfo=UTC))
+    return TestClient(create_app(cfg, ledger, clock, price_db=price_db))
+
+
+@pytest.fixture
+def client(tmp_path: Path, price_db: GenAIPricesDB) -> Iterator[TestClient]:
+    with make_client(tmp_path, price_db) as c:
+        yield c
+
+
+def metrics(client: TestClient) -> str:
+    return client.get("/metrics").text
+
+
+def test_issue_example_event_priced_on_metrics(client: TestClient) -> None:
+    r = client.post("/v1/usage", json=ISSUE_EVENT)
+    assert (r.status_code, r.json()) == (202, {"accepted": 1, "duplicates": 0})
+    text = metrics(client)
+    # gpt-4o list price 2.50/1.25 cached/10.00: 464×2.5 + 1536×1.25 + 500×10 = 0.00808
+    assert metric_value(text, "llm_cost_usd_total", **SERIES) == pytest.approx(0.00808, abs=0)
+    assert metric_value(text, "llm_tokens_total", **SERIES, token_type="input") == 464
+    assert metric_value(text, "llm_tokens_total", **SERIES, token_type="cache_read") == 1536
+    assert metric_value(text, "llm_tokens_total", **SERIES, token_type="output") == 500
+    assert metric_value(text, "llm_requests_total", **SERIES, outcome="success") == 1
+    assert metric_value(text, "llm_request_duration_seconds_bucket", provider="openai",
+                        model="gpt-4o-2024-08-06", le="2.5") == 1
+    budget = {"department": "engineering", "project": "ai-features"}
+    assert metric_value(text, "llm_budget_spend_usd", **budget, period="daily") == 0.00808
+    assert metric_value(text, "llm_budget_spend_usd", **budget, period="monthly") == 0.00808
+    # 2026-04-01T00:00Z, end of the monthly period in UTC.
+    assert metric_value(text, "llm_budget_period_end_timestamp_seconds", **budget,
+                        period="monthly") == datetime(2026, 4, 1, tzinfo=UTC).timestamp()
+
+
+def test_every_budget_scope_is_exported_before_any_traffic(client: TestClient) -> None:
+    text = metrics(client)
+    for dept, project, period, limit in [("engineering", "ai-features", "daily", 300),
+                                         ("engineering", "ai-features", "monthly", 5000),
+                                         ("data-science", "*", "daily", 100),
+                                         ("data-science", "*", "monthly", 2000)]:
+        labels = {"department": dept, "project": project, "period": period}
+        assert metric_value(text, "llm_budget_limit_usd", **labels) == limit
+        assert metric_value(text, "llm_budget_spend_usd", **labels) == 0
+        assert metric_value(text, "llm_budget_warning_ratio", **labels) == 0.8
+
+
+def test_retry_is_counted_once(client: TestClient) -> None:
+    assert client.post("/v1/usage", json=ISSUE_EVENT).json() == {"accepted": 1, "duplicates": 0}
+    assert client.post("/v1/usage", json=[ISSUE_EVENT]).json() == {"accepted": 0,
+                                                                   "duplicates": 1}
+    assert metric_value(metrics(client), "llm_requests_total", **SERIES, outcome="success") == 1
+
+
+def test_batch_with_one_bad_event_writes_nothing(client: TestClient, tmp_path: Path) -> None:
+    good = {**ISSUE_EVENT, "request_id": "good"}
+    bad = {**ISSUE_EVENT, "request_id": "bad",
+           "usage": {"prompt_tokens": 10, "completion_tokens": -3}}
+    future = {**ISSUE_EVENT, "request_id": "future", "timestamp": "2026-03-15T12:00:00Z"}
+    r = client.post("/v1/usage", json=[good, bad, future])
+    assert r.status_code == 422
+    assert r.json()["errors"] == [
+        {"field": "events[1].usage.completion_tokens",
+         "message": "must be a non-negative integer"},
+        {"field": "events[2].timestamp", "message": "is more than 300 s in the future"},
+    ]
+    assert metric_value(metrics(client), "llm_requests_total", **SERIES, outcome="success") is None
+    # Nothing reached the ledger: the good event can still be sent and is new.
+    assert client.post("/v1/usage", json=good).json() == {"accepted": 1, "duplicates": 0}
+
+
+def test_all_three_usage_forms_and_timestamps(client: TestClient) -> None:
+    events = [
+        {"provider": "anthropic", "response": payload("anthropic_messages_cache.json"),
+         "department": "engineering", "project": "ai-features", "timestamp": 1773489600},
+        {"provider": "anthropic", "response": payload("anthropic_stream.sse"),
+         "department": "engineering", "project": "ai-features",
+         "timestamp": "2026-03-14T18:00:00+07:00"},
+        {"provider": "openai", "model": "gpt-4o", "department": "engineering",
+         "project": "ai-features", "tokens": {"input": 1000, "cache_read": 0, "output": 100}},
+    ]
+    r = client.post("/v1/usage", json=events)
+    assert r.json() == {"accepted": 3, "duplicates": 0}
+    text = metrics(client)
+    sonnet = {**SERIES, "provider": "anthropic", "model": "claude-sonnet-4-5-20250929"}
+    assert metric_value(text, "llm_cost_usd_total", **sonnet) == 0.02547  # see test_pricing
+    assert metric_value(text, "llm_tokens_total", **sonnet, token_type="cache_write") == 3000
+    haiku = {**sonnet, "model": "claude-haiku-4-5-20251001"}
+    assert metric_value(text, "llm_cost_usd_total", **haiku) == 0.0095
+    # gpt-4o: 1000×2.50 + 100×10 = 0.0035
+    assert metric_value(text, "llm_cost_usd_total", **SERIES | {"model": "gpt-4o"}) == 0.0035
+    # Month to date: 0.02547 + 0.0095 + 0.0035 = 0.03847
+    spend = metric_value(text, "llm_budget_spend_usd", department="engineering",
+                         project="ai-features", period="monthly")
+    assert spend == pytest.approx(0.03847, abs=1e-15)
+
+
+@pytest.mark.parametrize(("body", "field", "message"), [
+    ({"provider": "openai", "model": "m", "usage": {"prompt_tokens": 1}, "timestamp": 1.7e12},
+     "timestamp", "looks like milliseconds: send epoch seconds"),
+    ({"provider": "openai", "model": "m", "usage": {"prompt_tokens": 1},
+      "timestamp": "2026-03-14T10:00:00"}, "timestamp",
+     "must carry a time zone offset (e.g. Z or +07:00)"),
+    ({"provider": "Open AI!", "model": "m", "usage": {"prompt_tokens": 1}}, "provider",
+     "must match [a-z0-9][a-z0-9._-]{0,63}"),
+    ({"provider": "openai", "model": "m", "usage": {"prompt_tokens": 1}, "project": "x" * 129},
+     "project", "longer than 128 characters"),
+    ({"provider": "openai", "model": "m", "usage": {"prompt_tokens": 1}, "latency_seconds": -1},
+     "latency_seconds", "must be a number of seconds in [0, 86400]"),
+    ({"provider": "openai", "model": "m", "usage": {"prompt_tokens": 1}, "status": "ok"},
+     "status", "must be an HTTP status code or one of success, error, client_closed"),
+    ({"provider": "openai", "model": "m", "tokens": {"input": 1, "output": 1, "reasoning": 2}},
+     "tokens.reasoning", "must not exceed output (it is a subset of output)"),
+    ({"provider": "openai", "model": "m", "usage": {"prompt_tokens": 1}, "departmnet": "x"},
+     "departmnet", "unknown field"),
+    ({"provider": "openai", "response": {"usage": {"prompt_tokens": 1}}}, "model",
+     "is required (or send a response body that names it)"),
+])
+def test_bad_fields_are_named(client: TestClient, body: dict[str, Any], field: str,
+                              message: str) -> None:
+    r = client.post("/v1/usage", json=body)
+    assert r.status_code == 422
+    assert {"field": field, "message": message} in r.json()["errors"]
+
+
+def test_invalid_json_nan_and_non_object(client: TestClient) -> None:
+    r = client.post("/v1/usage", content=b'{"provider": "openai", "x": NaN}')
+    assert r.status_code == 400 and "NaN" in r.json()["message"]
+    assert client.post("/v1/usage", content=b"{not json").status_code == 400
+    r = client.post("/v1/usage", json="just a string")
+    assert (r.status_code, r.json()["errors"][0]["field"]) == (422, "body")
+    assert client.post("/v1/usage", content=b"[" * 100_000).status_code == 400
+
+
+def test_auth_and_body_limit(tmp_path: Path, price_db: GenAIPricesDB) -> None:
+    extra = {"ingest": {"tokens_env": "T", "max_body_bytes": 2048}}
+    with make_client(tmp_path, price_db, extra, env={"T": TOKEN}) as c:
+        assert c.post("/v1/usage", json=ISSUE_EVENT).status_code == 401
+        wrong = {"Authorization": "Bearer " + "x" * len(TOKEN)}
+        assert c.post("/v1/usage", json=ISSUE_EVENT, headers=wrong).status_code == 401
+        good = {"Authorization": f"Bearer {TOKEN}"}
+        assert c.post("/v1/usage", json=ISSUE_EVENT, headers=good).status_code == 202
+        big = json.dumps([ISSUE_EVENT] * 20).encode()
+        assert len(big) > 2048
+        r = c.post("/v1/usage", content=big, headers=good)
+        assert (r.status_code, r.json()["error"]) == (413, "too_large")
+        text = c.get("/metrics").text
+        assert metric_value(text, "llm_exporter_ingest_rejected_total", reason="unauthorized") == 2
+        assert metric_value(text, "llm_exporter_ingest_rejected_total", reason="too_large") == 1
+        assert TOKEN not in text
+
+
+def test_unpriced_model_is_counted_and_costs_zero(client: TestClient) -> None:
+    body = {"provider": "openai", "model": "ft:my-secret-finetune", "tokens": {"input": 5}}
+    assert client.post("/v1/usage", json=[body, body]).status_code == 202
+    text = metrics(client)
+    assert metric_value(text, "llm_unpriced_requests_total", provider="openai",
+                        model="ft:my-secret-finetune") == 2
+    assert metric_value(text, "llm_cost_usd_total", model="ft:my-secret-finetune") == 0
+    # Sent without attribution: the configured defaults apply.
+    assert metric_value(text, "llm_requests_total", model="ft:my-secret-finetune",
+                        department="unattributed", project="unattributed") == 2
+
+
+def test_label_cap_turns_new_values_into_other(tmp_path: Path, price_db: GenAIPricesDB) -> None:
+    extra = {"labels": {"max_values_per_label": 2}}
+    with make_client(tmp_path, price_db, extra) as c:
+        events = [{"provider": "openai", "model": "gpt-4o", "department": "engineering",
+                   "project": f"p{i}", "tokens": {"input": 1}} for i in range(5)]
+        # ai-features is known from the budgets, so it never overflows.
+        events.append({**events[0], "project": "ai-features"})
+        assert c.post("/v1/usage", json=events).json()["accepted"] == 6
+        text = c.get("/metrics").text
+        # unattributed (the default) is known too; p0 and p1 fill the cap of 2.
+        projects = {s for s in ("p0", "p1", "p2", "p3", "p4", "other", "ai-features")
+                    if metric_value(text, "llm_requests_total", project=s) is not None}
+        assert projects == {"p0", "p1", "other", "ai-features"}
+        assert metric_value(text, "llm_requests_total", project="other") == 3
+        assert metric_value(text, "llm_label_overflow_total", label="project") == 3
+
+
+def test_openmetrics_negotiation(client: TestClient) -> None:
+    client.post("/v1/usage", json=ISSUE_EVENT)
+    r = client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert r.headers["content-type"].startswith("application/openmetrics-text")
+    assert r.text.rstrip().endswith("# EOF")
+    assert "llm_cost_usd_total{" in r.text
+    plain = client.get("/metrics")
+    assert plain.headers["content-type"].startswith("text/plain; version=0.0.4")
+
+
+def test_health_and_readiness(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}

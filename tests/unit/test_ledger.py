@@ -1,0 +1,122 @@
+"""SQLite ledger: idempotency, atomic batches, running totals that survive a reopen."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from decimal import Decimal as D
+from pathlib import Path
+
+import pytest
+
+from llm_cost_exporter.commit_queue import CommitQueue
+from llm_cost_exporter.events import (
+    Attribution,
+    Cost,
+    PricedEvent,
+    SeriesLabels,
+    TokenCounts,
+    UsageEvent,
+)
+from llm_cost_exporter.ledger import BatchResult, LedgerUnavailable, SeriesKey
+from llm_cost_exporter.ledger.migrations import MIGRATIONS
+from llm_cost_exporter.ledger.sqlite import SQLiteLedger
+
+TS = datetime(2026, 3, 14, 12, tzinfo=UTC)
+
+
+def ev(request_id: str | None, cost: str = "0.5", tokens: int = 100,
+       latency: float | None = 1.0, outcome: str = "success") -> PricedEvent:
+    event = UsageEvent(Attribution("eng", "app", user="alice"), "openai", "gpt-4o",
+                       TokenCounts(input=tokens, output=tokens // 2, reasoning=tokens // 4),
+                       TS, outcome=outcome, latency_seconds=latency, request_id=request_id)
+    return PricedEvent(event=event, labels=SeriesLabels("eng", "app", "openai", "gpt-4o"),
+                       cost=Cost(input=D(cost)), price_source="test")
+
+
+KEY = SeriesKey("eng", "app", "openai", "gpt-4o", "success")
+
+
+def count_events(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+
+def test_retry_with_same_request_id_is_counted_once(tmp_path: Path) -> None:
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    assert ledger.record([[ev("r-1"), ev("r-2")]]) == [BatchResult(2, 0)]
+    assert ledger.record([[ev("r-1"), ev("r-2"), ev("r-3")]]) == [BatchResult(1, 2)]
+    # Events without a request id cannot be deduplicated: each one counts.
+    assert ledger.record([[ev(None), ev(None)]]) == [BatchResult(2, 0)]
+    totals = ledger.totals().series[KEY]
+    assert (totals.requests, totals.input, totals.cost) == (5, 500, D("2.5"))
+    assert count_events(tmp_path / "l.db") == 5
+
+
+def test_duplicate_inside_one_commit_from_two_batches(tmp_path: Path) -> None:
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    assert ledger.record([[ev("a")], [ev("a"), ev("b")]]) == [BatchResult(1, 0), BatchResult(1, 1)]
+    assert ledger.totals().series[KEY].requests == 2
+
+
+def test_failing_batch_writes_nothing_and_spares_its_neighbours(tmp_path: Path) -> None:
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    bad = ev(["not", "bindable"])  # type: ignore[arg-type]  # sqlite cannot bind a list
+    results = ledger.record([[ev("ok-1")], [ev("x-1"), bad], [ev("ok-2")]])
+    assert results[0] == BatchResult(1, 0) and results[2] == BatchResult(1, 0)
+    assert isinstance(results[1], LedgerUnavailable)
+    totals = ledger.totals().series[KEY]
+    # x-1 was rolled back with its batch: 2 requests, 200 input tokens, $1.00.
+    assert (totals.requests, totals.input, totals.cost) == (2, 200, D("1.0"))
+    assert count_events(tmp_path / "l.db") == 2
+
+
+def test_totals_and_latency_survive_reopen(tmp_path: Path) -> None:
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    ledger.record([[ev("a", latency=0.2), ev("b", latency=3.0), ev("c", latency=None,
+                                                                     outcome="error")]])
+    before = ledger.totals()
+    ledger.close()
+    after = SQLiteLedger(tmp_path / "l.db").totals()
+    assert after == before
+    lat = after.latency[("openai", "gpt-4o")]
+    # 0.2 falls in le=0.25 (index 1), 3.0 in le=5 (index 5); the error had no latency.
+    assert (lat.count, lat.counts[1], lat.counts[5], lat.total) == (2, 1, 1, pytest.approx(3.2))
+    assert after.series[KEY._replace(outcome="error")].requests == 1
+
+
+def test_running_totals_match_a_recount_of_events(tmp_path: Path) -> None:
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    for i in range(20):
+        ledger.record([[ev(f"r{i}-{j}", cost="0.001", tokens=i + j) for j in range(5)]])
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        n, tokens = conn.execute("SELECT COUNT(*), SUM(input) FROM events").fetchone()
+        costs = [D(c) for (c,) in conn.execute("SELECT cost_usd FROM events")]
+    totals = ledger.totals().series[KEY]
+    assert (totals.requests, totals.input, totals.cost) == (n, tokens, sum(costs))
+    assert totals.cost == D("0.100")  # 100 events × $0.001, exactly
+
+
+def test_schema_is_versioned_and_newer_schema_is_refused(tmp_path: Path) -> None:
+    SQLiteLedger(tmp_path / "l.db").close()
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == len(
+            MIGRATIONS)
+        conn.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS) + 1,))
+    with pytest.raises(RuntimeError, match="newer than this exporter"):
+        SQLiteLedger(tmp_path / "l.db")
+
+
+def test_group_commit_answers_every_caller_after_commit(tmp_path: Path) -> None:
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    queue = CommitQueue(ledger)
+    # Hold the writer inside its first commit while 200 callers queue up behind it.
+    with ledger._write_lock:
+        futures = [queue.submit([ev(f"g{i}")]) for i in range(200)]
+        assert not any(f.done() for f in futures)  # nobody is answered before a commit
+    results = [f.result(10) for f in futures]
+    queue.close()
+    assert results == [BatchResult(1, 0)] * 200
+    assert count_events(tmp_path / "l.db") == 200
+    # The first commit took one batch (or all); the rest shared the next one.
+    assert queue.commits <= 2
