@@ -15,6 +15,7 @@ from prometheus_client.openmetrics import exposition as om_exposition
 
 from llm_cost_exporter import __version__
 from llm_cost_exporter.auth import bearer_ok
+from llm_cost_exporter.budget_guard import BudgetGuard
 from llm_cost_exporter.clock import Clock
 from llm_cost_exporter.collector import LedgerCollector
 from llm_cost_exporter.commit_queue import CommitQueue
@@ -25,6 +26,7 @@ from llm_cost_exporter.labels import LabelGuard
 from llm_cost_exporter.ledger import Ledger, LedgerUnavailable
 from llm_cost_exporter.price_db import GenAIPricesDB
 from llm_cost_exporter.pricer import Pricer
+from llm_cost_exporter.proxy.handler import Proxy, ProxyMiddleware
 from llm_cost_exporter.recorder import Recorder
 from llm_cost_exporter.stats import ExporterStats
 
@@ -55,10 +57,15 @@ class ExporterState:
             for label, values in label_values().items():
                 self.guard.seed(label, values)
         self.commits = CommitQueue(ledger)
-        self.recorder = Recorder(Pricer(config.price_table, price_db), self.guard, self.commits)
+        self.budget_guard = BudgetGuard(config.budgets, ledger, clock,
+                                        config.proxy.budget_refresh_seconds)
+        self.recorder = Recorder(Pricer(config.price_table, price_db), self.guard, self.commits,
+                                 self.budget_guard)
+        self.proxy = Proxy(config, self.recorder, self.budget_guard, clock, self.stats)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(LedgerCollector(lambda: self.config, ledger, clock.now,
                                                self.guard, self.stats))
+        self.registry.register(self.proxy.metrics)
         self.limits = IngestLimits(
             max_batch_events=config.ingest.max_batch_events,
             max_future_seconds=config.ingest.max_future_seconds,
@@ -72,13 +79,17 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        await state.proxy.start()
         yield
+        await state.proxy.close()
         # Graceful stop: commit what is queued before the process exits.
         state.commits.close()
 
     app = FastAPI(title="llm-cost-exporter", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.exporter = state
+    if config.upstreams:
+        app.add_middleware(ProxyMiddleware, proxy=state.proxy)
 
     @app.post("/v1/usage", status_code=202)
     async def ingest(request: Request) -> Response:

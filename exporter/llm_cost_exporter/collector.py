@@ -7,6 +7,7 @@ import platform
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from decimal import Decimal
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -58,9 +59,14 @@ class LedgerCollector(Collector):
         unpriced = CounterMetricFamily(
             "llm_unpriced_requests_total", "Calls to models with no known price (recorded at "
             "cost 0): add the model to the pricing overrides.", labels=["provider", "model"])
-        by_series: dict[tuple[str, ...], list] = defaultdict(lambda: [0, 0, 0, 0, 0, 0])
+        estimated = CounterMetricFamily(
+            "llm_estimated_requests_total", "Calls whose tokens were estimated from the "
+            "streamed text because the provider reported no usage.", labels=_SERIES)
+        # Per label set without outcome: input, cache_read, cache_write, output, reasoning,
+        # estimated; cost kept apart as a Decimal.
+        by_series: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0] * 6)
+        cost_by: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
         unpriced_by: dict[tuple[str, str], int] = defaultdict(int)
-        cost_by: dict[tuple[str, ...], object] = {}
         for key, t in totals.series.items():
             labels = (key.department, key.project, key.provider, key.model)
             requests.add_metric([*labels, key.outcome], t.requests)
@@ -70,15 +76,17 @@ class LedgerCollector(Collector):
             acc[2] += t.cache_write
             acc[3] += t.output
             acc[4] += t.reasoning
-            cost_by[labels] = cost_by.get(labels, 0) + t.cost  # type: ignore[operator]
+            acc[5] += t.estimated
+            cost_by[labels] += t.cost
             if t.unpriced:
                 unpriced_by[(key.provider, key.model)] += t.unpriced
         for labels, acc in by_series.items():
             for i, token_type in enumerate(("input", "cache_read", "cache_write", "output")):
                 tokens.add_metric([*labels, token_type], acc[i])
             reasoning.add_metric(list(labels), acc[4])
+            estimated.add_metric(list(labels), acc[5])
             # Money stays Decimal up to here; float only for the exposition format.
-            cost.add_metric(list(labels), float(cost_by[labels]))  # type: ignore[arg-type]
+            cost.add_metric(list(labels), float(cost_by[labels]))
         for (provider, model), count in unpriced_by.items():
             unpriced.add_metric([provider, model], count)
         duration = HistogramMetricFamily(
@@ -90,7 +98,7 @@ class LedgerCollector(Collector):
                 cumulative += count
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             duration.add_metric([provider, model], buckets, lat.total)
-        yield from (requests, tokens, reasoning, cost, unpriced, duration)
+        yield from (requests, tokens, reasoning, cost, unpriced, estimated, duration)
 
     def _budgets(self) -> Iterator[Metric]:
         limit = GaugeMetricFamily("llm_budget_limit_usd", "Budget limit in US dollars for the "

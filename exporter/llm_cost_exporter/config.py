@@ -13,16 +13,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from llm_cost_exporter.price_table import (
-    PriceTable,
-    bundled_table_path,
-    load_price_table,
-)
-from llm_cost_exporter.validation import ConfigError, Problems
+from llm_cost_exporter.config_proxy import ProxyConfig, Upstream, parse_proxy, parse_upstreams
+from llm_cost_exporter.price_table import PriceTable, bundled_table_path, load_price_table
+from llm_cost_exporter.validation import ConfigError, Problems, resolve_path
 
 DEPARTMENT_WIDE = "*"
 _TOP_KEYS = {"listen", "allow_public_listen", "ledger", "defaults", "pricing", "ingest",
-             "labels", "budgets", "log"}
+             "labels", "budgets", "log", "upstreams", "proxy"}
+
 
 
 @dataclass(frozen=True)
@@ -86,6 +84,8 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
     budgets: tuple[Budget, ...] = ()
+    upstreams: tuple[Upstream, ...] = ()
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     log_level: str = "INFO"
     source: Path | None = None
 
@@ -153,11 +153,13 @@ def parse_config(data: Any, base_dir: Path, env: Mapping[str, str],
     table = load_price_table(bundled_table_path(), p, origin="bundled pricing.yaml")
     overrides_path = None
     if pricing.get("overrides"):
-        overrides_path = _path(pricing["overrides"], base_dir)
+        overrides_path = resolve_path(pricing["overrides"], base_dir)
         table = load_price_table(overrides_path, p, origin="pricing.overrides").merged_over(table)
 
     ingest = _ingest(p.mapping(root.get("ingest"), "ingest"), base_dir, env, p)
     budgets = _budgets(root.get("budgets"), labels, p)
+    upstreams = parse_upstreams(root.get("upstreams"), base_dir, env, p)
+    proxy = parse_proxy(p.mapping(root.get("proxy"), "proxy"), p)
     log = p.mapping(root.get("log"), "log")
     p.unknown_keys(log, {"level"}, "log")
     level = str(log.get("level", "INFO")).upper()
@@ -172,13 +174,8 @@ def parse_config(data: Any, base_dir: Path, env: Mapping[str, str],
         listen_host=host, listen_port=port, allow_public_listen=allow_public, ledger=ledger,
         default_department=department, default_project=project,
         pricing_overrides=overrides_path, price_table=table, ingest=ingest, labels=labels,
-        budgets=budgets, log_level=level, source=source,
+        budgets=budgets, upstreams=upstreams, proxy=proxy, log_level=level, source=source,
     )
-
-
-def _path(value: Any, base_dir: Path) -> Path:
-    path = Path(str(value)).expanduser()
-    return path if path.is_absolute() else base_dir / path
 
 
 def _ledger(obj: Mapping[str, Any], base_dir: Path, p: Problems) -> LedgerConfig:
@@ -189,8 +186,8 @@ def _ledger(obj: Mapping[str, Any], base_dir: Path, p: Problems) -> LedgerConfig
     sync = str(obj.get("synchronous", "NORMAL")).upper()
     if sync not in {"NORMAL", "FULL"}:
         p.add("ledger.synchronous", "must be NORMAL or FULL")
-    return LedgerConfig(backend="sqlite", path=_path(obj.get("path", "data/ledger.db"), base_dir),
-                        synchronous=sync)
+    path = resolve_path(obj.get("path", "data/ledger.db"), base_dir)
+    return LedgerConfig(backend="sqlite", path=path, synchronous=sync)
 
 
 def _labels(obj: Mapping[str, Any], p: Problems) -> LabelConfig:
@@ -235,7 +232,7 @@ def _ingest(obj: Mapping[str, Any], base_dir: Path, env: Mapping[str, str],
         else:
             raw += env[env_name].replace(",", " ").split()
     if obj.get("tokens_file"):
-        token_path = _path(obj["tokens_file"], base_dir)
+        token_path = resolve_path(obj["tokens_file"], base_dir)
         try:
             lines = token_path.read_text(encoding="utf-8").splitlines()
             raw += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
@@ -299,3 +296,4 @@ def _budgets(value: Any, labels: LabelConfig, p: Problems) -> tuple[Budget, ...]
                           monthly_usd=monthly, warning_ratio=ratio, timezone=str(tz),
                           enforce=bool(enforce)))
     return tuple(out)
+

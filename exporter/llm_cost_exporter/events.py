@@ -75,6 +75,8 @@ class UsageEvent:
     latency_seconds: float | None = None
     request_id: str | None = None
     source: str = "ingest"
+    # Tokens estimated from text because the provider reported no usage (proxy streams only).
+    estimated: bool = False
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:

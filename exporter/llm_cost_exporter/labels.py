@@ -6,7 +6,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable
 
-from llm_cost_exporter.events import SeriesLabels, UsageEvent
+from llm_cost_exporter.events import Attribution, SeriesLabels, UsageEvent
 
 OVERFLOW = "other"
 GUARDED = ("department", "project", "provider", "model")
@@ -35,7 +35,7 @@ class LabelGuard:
                 if value != OVERFLOW and value not in self._known[label]:
                     admitted.add(value)
 
-    def _map(self, label: str, value: str) -> str:
+    def _map(self, label: str, value: str, count: bool = True) -> str:
         if value in self._known[label]:
             return value
         admitted = self._admitted[label]
@@ -44,7 +44,8 @@ class LabelGuard:
         if len(admitted) < self._max:
             admitted.add(value)
             return value
-        self.overflow[label] += 1
+        if count:
+            self.overflow[label] += 1
         return OVERFLOW
 
     def labels_for(self, event: UsageEvent) -> SeriesLabels:
@@ -55,3 +56,10 @@ class LabelGuard:
                 provider=self._map("provider", event.provider),
                 model=self._map("model", event.model),
             )
+
+    def scope_of(self, attribution: Attribution) -> tuple[str, str]:
+        """(department, project) as they will be exported: what budgets are checked on."""
+        with self._lock:
+            # Not counted as overflow here: the event's own labels_for() counts it once.
+            return (self._map("department", attribution.department, count=False),
+                    self._map("project", attribution.project, count=False))

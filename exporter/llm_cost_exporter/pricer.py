@@ -86,6 +86,9 @@ class Pricer:
         return None
 
     def price(self, event: UsageEvent) -> Quote:
+        if event.tokens.billed_total == 0:
+            # A failed call with no tokens costs nothing, whatever the model: not "unpriced".
+            return Quote(Cost(), True, "no tokens")
         price = self.resolve(event.provider, event.model, event.timestamp)
         if price is not None and not price.covers(event.tokens):
             price = None  # e.g. output tokens on a model priced for input only

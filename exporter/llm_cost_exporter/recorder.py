@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from llm_cost_exporter.budget_guard import BudgetGuard
 from llm_cost_exporter.commit_queue import CommitQueue
 from llm_cost_exporter.events import PricedEvent, UsageEvent
 from llm_cost_exporter.labels import LabelGuard
@@ -12,10 +13,12 @@ from llm_cost_exporter.pricer import Pricer
 
 
 class Recorder:
-    def __init__(self, pricer: Pricer, guard: LabelGuard, commits: CommitQueue) -> None:
+    def __init__(self, pricer: Pricer, guard: LabelGuard, commits: CommitQueue,
+                 budgets: BudgetGuard | None = None) -> None:
         self.pricer = pricer
         self.guard = guard
         self.commits = commits
+        self.budgets = budgets
 
     def prepare(self, events: Sequence[UsageEvent]) -> list[PricedEvent]:
         out = []
@@ -27,7 +30,20 @@ class Recorder:
         return out
 
     async def record(self, events: Sequence[UsageEvent]) -> BatchResult:
-        return await self.commits.record(self.prepare(events))
+        return await self.commit(self.prepare(events))
+
+    async def commit(self, priced: list[PricedEvent]) -> BatchResult:
+        """Commit events already prepared (the proxy reads their labels first)."""
+        result = await self.commits.record(priced)
+        self._committed(priced, result)
+        return result
 
     def record_sync(self, events: Sequence[UsageEvent]) -> BatchResult:
-        return self.commits.record_sync(self.prepare(events))
+        priced = self.prepare(events)
+        result = self.commits.record_sync(priced)
+        self._committed(priced, result)
+        return result
+
+    def _committed(self, priced: list[PricedEvent], result: BatchResult) -> None:
+        if self.budgets is not None and self.budgets.active:
+            self.budgets.add([priced[i] for i in result.written])

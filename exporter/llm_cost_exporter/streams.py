@@ -57,6 +57,7 @@ class StreamUsage:
     _final: Mapping[str, Any] | None = None
     _anthropic: dict[str, Any] = field(default_factory=dict)
     _gemini: Mapping[str, Any] | None = None
+    _anthropic_final: bool = False
 
     def feed(self, data: Any) -> None:
         if not isinstance(data, Mapping):
@@ -70,6 +71,7 @@ class StreamUsage:
             # Cumulative counts: the latest value replaces the earlier one.
             self._anthropic.update({k: v for k, v in (data.get("usage") or {}).items()
                                     if v is not None})
+            self._anthropic_final = True
         elif kind == "response.completed" and isinstance(data.get("response"), Mapping):
             response = data["response"]
             self.model = response.get("model") or self.model
@@ -85,6 +87,16 @@ class StreamUsage:
     @property
     def has_usage(self) -> bool:
         return bool(self._final or self._anthropic or self._gemini)
+
+    @property
+    def complete(self) -> bool:
+        """True once the stream has reported its final usage (not only a provisional one)."""
+        return bool(self._final or self._gemini or self._anthropic_final)
+
+    @property
+    def partial_input(self) -> dict[str, Any]:
+        """Input-side counts known before the end (Anthropic's message_start)."""
+        return dict(self._anthropic)
 
     def tokens(self, path: str = "response") -> TokenCounts:
         if self._anthropic:

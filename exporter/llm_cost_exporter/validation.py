@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 
 
@@ -90,3 +91,9 @@ class Problems:
             self.add(f"{path}.{key}", f"must be >= {minimum}{upper}")
             return default
         return value
+
+
+def resolve_path(value: Any, base_dir: Path) -> Path:
+    """Relative paths in config files are relative to the file that names them."""
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else base_dir / path

@@ -38,6 +38,7 @@ class SeriesTotals:
     reasoning: int = 0
     unpriced: int = 0
     cost: Decimal = Decimal(0)
+    estimated: int = 0
 
     def add(self, other: SeriesTotals) -> None:
         self.requests += other.requests
@@ -48,10 +49,12 @@ class SeriesTotals:
         self.reasoning += other.reasoning
         self.unpriced += other.unpriced
         self.cost += other.cost
+        self.estimated += other.estimated
 
     def copy(self) -> SeriesTotals:
         return SeriesTotals(self.requests, self.input, self.cache_read, self.cache_write,
-                            self.output, self.reasoning, self.unpriced, self.cost)
+                            self.output, self.reasoning, self.unpriced, self.cost,
+                            self.estimated)
 
 
 @dataclass(slots=True)
@@ -92,6 +95,8 @@ class Totals:
 class BatchResult:
     accepted: int
     duplicates: int
+    # Positions (in the batch) of the events that were new and written.
+    written: tuple[int, ...] = field(default=(), compare=False)
 
 
 class Ledger(Protocol):

@@ -44,6 +44,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (department, project, slot)
     ) WITHOUT ROWID;
     """,
+    # 2: how many events had their tokens estimated (a stream that ended without usage).
+    """
+    ALTER TABLE events ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE totals ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0
+    """,
 )
 
 

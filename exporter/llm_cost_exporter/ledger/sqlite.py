@@ -30,17 +30,17 @@ _INSERT_EVENT = """
 INSERT OR IGNORE INTO events (request_id, ts, department, project, provider, model,
     raw_department, raw_project, raw_model, user_name, outcome, input, cache_read, cache_write,
     cache_write_1h, output, reasoning, cost_usd, priced, price_source, latency_seconds, source,
-    recorded_at)
-VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+    recorded_at, estimated)
+VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
 """
 _UPSERT_TOTALS = """
 INSERT INTO totals (department, project, provider, model, outcome, requests, input, cache_read,
-    cache_write, output, reasoning, unpriced, cost_usd)
-VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
+    cache_write, output, reasoning, unpriced, cost_usd, estimated)
+VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
 ON CONFLICT (department, project, provider, model, outcome) DO UPDATE SET
     requests=excluded.requests, input=excluded.input, cache_read=excluded.cache_read,
     cache_write=excluded.cache_write, output=excluded.output, reasoning=excluded.reasoning,
-    unpriced=excluded.unpriced, cost_usd=excluded.cost_usd
+    unpriced=excluded.unpriced, cost_usd=excluded.cost_usd, estimated=excluded.estimated
 """
 _UPSERT_LATENCY = """
 INSERT INTO latency_totals (provider, model, counts, total, count) VALUES (?,?,?,?,?)
@@ -83,11 +83,12 @@ class SQLiteLedger:
         totals = Totals()
         for row in self._writer.execute(
             "SELECT department, project, provider, model, outcome, requests, input, cache_read,"
-            " cache_write, output, reasoning, unpriced, cost_usd FROM totals"
+            " cache_write, output, reasoning, unpriced, cost_usd, estimated FROM totals"
         ):
             totals.series[SeriesKey(*row[:5])] = SeriesTotals(
                 requests=row[5], input=row[6], cache_read=row[7], cache_write=row[8],
-                output=row[9], reasoning=row[10], unpriced=row[11], cost=Decimal(row[12]))
+                output=row[9], reasoning=row[10], unpriced=row[11], cost=Decimal(row[12]),
+                estimated=row[13])
         for provider, model, counts, total, count in self._writer.execute(
             "SELECT provider, model, counts, total, count FROM latency_totals"
         ):
@@ -139,9 +140,10 @@ class SQLiteLedger:
                      ) -> tuple[BatchResult, dict[SeriesKey, SeriesTotals],
                                 dict[tuple[str, str], LatencyTotals]]:
         accepted = duplicates = 0
+        written: list[int] = []
         series: dict[SeriesKey, SeriesTotals] = {}
         latency: dict[tuple[str, str], LatencyTotals] = {}
-        for priced in batch:
+        for position, priced in enumerate(batch):
             ev, lab, tok = priced.event, priced.labels, priced.event.tokens
             cost = priced.cost.total
             ts = ev.timestamp.timestamp()
@@ -152,15 +154,17 @@ class SQLiteLedger:
                 _if_differs(ev.model, lab.model), ev.attribution.user, ev.outcome,
                 tok.input, tok.cache_read, tok.cache_write, tok.cache_write_1h, tok.output,
                 tok.reasoning, str(cost), int(priced.priced), priced.price_source,
-                ev.latency_seconds, ev.source, now))
+                ev.latency_seconds, ev.source, now, int(ev.estimated)))
             if cur.rowcount == 0:
                 duplicates += 1  # same request_id already recorded: count it once
                 continue
             accepted += 1
+            written.append(position)
             key = SeriesKey(lab.department, lab.project, lab.provider, lab.model, ev.outcome)
             s = series.setdefault(key, SeriesTotals())
             s.add(SeriesTotals(1, tok.input, tok.cache_read, tok.cache_write, tok.output,
-                               tok.reasoning, 0 if priced.priced else 1, cost))
+                               tok.reasoning, 0 if priced.priced else 1, cost,
+                               int(ev.estimated)))
             if ev.latency_seconds is not None:
                 latency.setdefault((lab.provider, lab.model), LatencyTotals()).observe(
                     ev.latency_seconds)
@@ -168,7 +172,7 @@ class SQLiteLedger:
                 pico = int((cost * PICO).to_integral_value(ROUND_HALF_EVEN))
                 conn.execute(_ADD_SPEND, (lab.department, lab.project,
                                           int(ts // SLOT_SECONDS) * SLOT_SECONDS, pico))
-        return BatchResult(accepted, duplicates), series, latency
+        return BatchResult(accepted, duplicates, tuple(written)), series, latency
 
     def _write_totals(self, conn: sqlite3.Connection, series: dict[SeriesKey, SeriesTotals],
                       latency: dict[tuple[str, str], LatencyTotals]) -> None:
@@ -180,7 +184,8 @@ class SQLiteLedger:
             new = (committed_series[key] or SeriesTotals()).copy()
             new.add(delta)
             rows.append((*key, new.requests, new.input, new.cache_read, new.cache_write,
-                         new.output, new.reasoning, new.unpriced, str(new.cost)))
+                         new.output, new.reasoning, new.unpriced, str(new.cost),
+                         new.estimated))
         conn.executemany(_UPSERT_TOTALS, rows)
         lat_rows = []
         for (provider, model), delta in latency.items():

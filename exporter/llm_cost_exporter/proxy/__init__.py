@@ -1,0 +1,1 @@
+"""Transparent sidecar proxy in front of OpenAI- and Anthropic-compatible APIs."""

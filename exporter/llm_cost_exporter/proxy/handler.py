@@ -1,0 +1,419 @@
+"""The proxy itself: a raw ASGI handler in front of the FastAPI app.
+
+`/{upstream}/...` is forwarded to the configured upstream (never to an address taken from
+the request); everything else goes to the exporter's own routes. Raw ASGI rather than a
+FastAPI route because every microsecond here is added to every LLM call of every app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import zlib
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from llm_cost_exporter.budget_guard import BudgetGuard
+from llm_cost_exporter.clock import Clock
+from llm_cost_exporter.config import Config
+from llm_cost_exporter.config_proxy import Upstream
+from llm_cost_exporter.events import Attribution, TokenCounts, UsageEvent
+from llm_cost_exporter.ledger import LedgerUnavailable
+from llm_cost_exporter.proxy import wire
+from llm_cost_exporter.proxy.metrics import ProxyStats
+from llm_cost_exporter.proxy.stream import StreamTap
+from llm_cost_exporter.recorder import Recorder
+from llm_cost_exporter.stats import ExporterStats
+from llm_cost_exporter.usage import UsageError, parse_response
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger(__name__)
+
+_HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+               b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host",
+               b"content-length"}
+_ATTRIBUTION = {b"x-llm-department": "department", b"x-llm-project": "project",
+                b"x-llm-user": "user"}
+_DECODABLE = {"gzip", "deflate", "identity"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_GENERATION = ("/chat/completions", "/completions", "/responses", "/messages", "/embeddings")
+
+
+class _ClientGone(Exception):
+    pass
+
+
+@dataclass
+class _Call:
+    """What one proxied call has learned so far."""
+
+    upstream: Upstream
+    attribution: Attribution
+    path: str
+    started: float
+    request: dict[str, Any] | None
+    model: str
+    ttft: float | None = None
+    tap: StreamTap | None = None
+    recorded: bool = False
+
+
+class Proxy:
+    def __init__(self, config: Config, recorder: Recorder, budgets: BudgetGuard, clock: Clock,
+                 stats: ExporterStats) -> None:
+        self.upstreams = {u.name: u for u in config.upstreams}
+        self._config = config
+        self._recorder = recorder
+        self._budgets = budgets
+        self._clock = clock
+        self._stats = stats
+        self.metrics = ProxyStats()
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None and self.upstreams:
+            # One shared pool for all calls; no connection limit of our own: the upstream's
+            # rate limits are the app's business, not the sidecar's.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+                trust_env=False,
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def middleware(self, app: ASGIApp) -> ASGIApp:
+        upstreams = self.upstreams
+
+        async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http":
+                path: str = scope["path"]
+                cut = path.find("/", 1)
+                upstream = upstreams.get(path[1:cut] if cut > 0 else path[1:])
+                if upstream is not None:
+                    await self.handle(upstream, scope, receive, send, path[cut:] if cut > 0
+                                      else "/")
+                    return
+            await app(scope, receive, send)
+
+        return dispatch
+
+    # -- one call -------------------------------------------------------------------------
+    async def handle(self, upstream: Upstream, scope: Scope, receive: Receive, send: Send,
+                     rest: str) -> None:
+        started = time.perf_counter()
+        fmt = upstream.wire_format
+        try:
+            body = await _read_body(receive, self._config.proxy.max_request_bytes)
+        except ValueError:
+            await _reply(send, 413, wire.error_body(fmt, 413, "request_too_large",
+                         "request body larger than proxy.max_request_bytes"))
+            return
+        headers, found = self._forward_headers(scope["headers"], upstream)
+        attribution, problem = self._attribution(found)
+        if problem:
+            await _reply(send, 400, wire.error_body(fmt, 400, "invalid_attribution", problem))
+            return
+        request = _json_object(body)
+        model = request.get("model") if request else None
+        call = _Call(upstream, attribution, rest, started, request,
+                     model if isinstance(model, str) and model else "unknown")
+        labels = self._recorder.guard.scope_of(attribution)
+        block = self._budgets.check(*labels)
+        if block is not None:
+            self.metrics.blocked[labels] += 1
+            message = (f"budget of {block.department}/{block.project} for this {block.period} "
+                       f"period is spent (${block.spend:.2f} of ${block.limit:.2f}); "
+                       f"retry after {block.period_end.isoformat()}")
+            await _reply(send, 429, wire.error_body(fmt, 429, "budget_exceeded", message),
+                         [(b"retry-after", str(block.retry_after_seconds).encode()),
+                          (b"x-should-retry", b"false")])
+            return
+        strip = request is not None and wire.wants_usage_injection(fmt, rest, request)
+        if strip and request is not None:
+            body = wire.inject_usage_option(request)
+        url = upstream.base_url + rest
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        task = asyncio.current_task()
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, gone, task))
+        try:
+            await self._forward(call, scope["method"], url, headers, body, strip, send, gone)
+        except asyncio.CancelledError:
+            if not gone.is_set() or task is None:
+                raise
+            task.uncancel()
+        finally:
+            watcher.cancel()
+
+    async def _forward(self, call: _Call, method: str, url: str,
+                       headers: list[tuple[str, str]], body: bytes, strip: bool, send: Send,
+                       gone: asyncio.Event) -> None:
+        assert self._session is not None
+        up = call.upstream
+        timeout = aiohttp.ClientTimeout(total=None, connect=up.connect_timeout_seconds,
+                                        sock_read=up.timeout_seconds)
+        response: aiohttp.ClientResponse | None = None
+        try:
+            response = await self._session.request(
+                method, url, data=body or None, headers=headers, allow_redirects=False,
+                timeout=timeout)
+            if response.content_type == "text/event-stream" and response.status < 400:
+                await self._stream(call, response, strip, send, gone)
+            else:
+                await self._whole(call, method, response, send)
+        except asyncio.CancelledError:
+            if gone.is_set():
+                await self._client_closed(call)
+            raise
+        except _ClientGone:
+            await self._client_closed(call)
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            await self._upstream_failed(call, send, 504, "timeout",
+                                        f"upstream {up.name} did not answer in time")
+        except aiohttp.ClientError as exc:
+            if response is not None:  # broke mid-response: nothing more can be sent
+                log.warning("upstream broke mid-response", extra={"upstream": up.name,
+                                                                   "error": type(exc).__name__})
+                await self._record(call, TokenCounts(), "error", estimated=False)
+                return
+            await self._upstream_failed(call, send, 502, "unreachable",
+                                        f"upstream {up.name} is unreachable")
+        finally:
+            if response is not None:
+                response.release()
+
+    async def _whole(self, call: _Call, method: str, response: aiohttp.ClientResponse,
+                     send: Send) -> None:
+        data = await response.read()
+        status = response.status
+        tokens, estimated, model = TokenCounts(), False, None
+        recordable = status >= 400 or (method == "POST" and call.path.endswith(_GENERATION))
+        if status < 400 and recordable:
+            tokens, estimated, model = _usage_of(call, data, response)
+        if status >= 400:
+            self.metrics.upstream_errors[(call.upstream.provider, f"{status // 100}xx")] += 1
+        if model:
+            call.model = model
+        if recordable:
+            await self._record(call, tokens, "error" if status >= 400 else "success",
+                               estimated=estimated)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": _response_headers(response.raw_headers, keep_length=True)})
+        await send({"type": "http.response.body", "body": data, "more_body": False})
+
+    async def _stream(self, call: _Call, response: aiohttp.ClientResponse, strip: bool,
+                      send: Send, gone: asyncio.Event) -> None:
+        tap = call.tap = StreamTap(call.upstream.provider, strip)
+        decoder = _decoder(response.headers.get("content-encoding", ""))
+        await send({"type": "http.response.start", "status": response.status,
+                    "headers": _response_headers(response.raw_headers, keep_length=False)})
+        async for chunk in response.content.iter_any():
+            if call.ttft is None:
+                call.ttft = time.perf_counter() - call.started
+            plain = decoder.decompress(chunk) if decoder else chunk
+            out = tap.feed(plain)
+            if decoder is None and out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+            elif decoder is not None:  # compressed: pass the original bytes through
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if gone.is_set():
+                raise _ClientGone
+        tail = tap.flush()
+        if tail and decoder is None:
+            await send({"type": "http.response.body", "body": tail, "more_body": True})
+        call.model = tap.model or call.model
+        tokens, estimated = tap.result(call.request)
+        # Committed before the stream is closed, so the client's last read waits for it.
+        await self._record(call, tokens, "success", estimated=estimated)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _client_closed(self, call: _Call) -> None:
+        """The client left: record what was received (estimated where usage was cut off)."""
+        if call.recorded:
+            return
+        if call.tap is not None:
+            call.model = call.tap.model or call.model
+            tokens, estimated = call.tap.result(call.request)
+        else:
+            tokens, estimated = TokenCounts(), False
+        await self._record(call, tokens, "client_closed", estimated=estimated)
+
+    async def _upstream_failed(self, call: _Call, send: Send, status: int, status_class: str,
+                               message: str) -> None:
+        self.metrics.upstream_errors[(call.upstream.provider, status_class)] += 1
+        await self._record(call, TokenCounts(), "error", estimated=False)
+        code = "upstream_timeout" if status == 504 else "upstream_unreachable"
+        await _reply(send, status, wire.error_body(call.upstream.wire_format, status, code,
+                                                   message))
+
+    async def _record(self, call: _Call, tokens: TokenCounts, outcome: str,
+                      estimated: bool) -> None:
+        call.recorded = True
+        seconds = time.perf_counter() - call.started
+        event = UsageEvent(attribution=call.attribution, provider=call.upstream.provider,
+                           model=call.model, tokens=tokens, timestamp=self._clock.now(),
+                           outcome=outcome, latency_seconds=seconds, source="proxy",
+                           estimated=estimated)
+        priced = self._recorder.prepare([event])
+        labels = priced[0].labels
+        # Observed before the commit: a client that leaves now must not erase the call.
+        self.metrics.observe(labels.provider, labels.model, seconds, call.ttft)
+        try:
+            # Shielded: if the client disconnects now, the commit still completes.
+            await asyncio.shield(self._recorder.commit(priced))
+        except LedgerUnavailable as exc:
+            # The app's call must not fail because our ledger did: count it loudly instead.
+            self._stats.ledger_error()
+            log.error("proxy usage not recorded: ledger unavailable",
+                      extra={"error": str(exc), "upstream": call.upstream.name})
+
+    # -- request pieces -------------------------------------------------------------------
+    def _forward_headers(self, raw: list[tuple[bytes, bytes]], upstream: Upstream
+                         ) -> tuple[list[tuple[str, str]], dict[str, str]]:
+        out: list[tuple[str, str]] = []
+        found: dict[str, str] = {}
+        dropped = set(_HOP_BY_HOP)
+        for name, value in raw:
+            if name == b"connection":  # headers the client marked hop-by-hop
+                dropped |= {v.strip().lower() for v in value.split(b",")}
+        for name, value in raw:
+            if name in dropped:
+                continue
+            if name in _ATTRIBUTION:
+                found[_ATTRIBUTION[name]] = value.decode("latin-1")
+                continue
+            if upstream.api_key and name in wire.KEY_HEADERS:
+                continue
+            if name == b"accept-encoding":
+                # Only encodings we can decode to read usage; the body itself passes as is.
+                kept = [e for e in value.decode("latin-1").split(",")
+                        if e.split(";")[0].strip().lower() in _DECODABLE]
+                if kept:
+                    out.append(("accept-encoding", ",".join(kept).strip()))
+                continue
+            out.append((name.decode("latin-1"), value.decode("latin-1")))
+        if upstream.api_key:
+            key_name, key_value = wire.key_header(upstream.wire_format, upstream.api_key)
+            out.append((key_name.decode(), key_value.decode()))
+        return out, found
+
+    def _attribution(self, found: dict[str, str]) -> tuple[Attribution, str | None]:
+        cfg = self._config
+        values = {"department": cfg.default_department, "project": cfg.default_project,
+                  "user": None}
+        for key, value in found.items():
+            value = value.strip()
+            if not value or len(value) > cfg.labels.max_value_length or _CONTROL.search(value):
+                return Attribution("", ""), (
+                    f"header X-LLM-{key.title()}: must be 1-{cfg.labels.max_value_length} "
+                    "printable characters")
+            values[key] = value
+        return Attribution(values["department"] or "", values["project"] or "",
+                           values["user"]), None
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event,
+                            task: asyncio.Task[Any] | None) -> None:
+    """Cancel the call when the client goes away, which closes the upstream request too."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            if task is not None:
+                task.cancel()
+            return
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ValueError("too large")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    if not body.startswith(b"{") or len(body) > 4 * 1024 * 1024:
+        return None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _usage_of(call: _Call, data: bytes, response: aiohttp.ClientResponse
+              ) -> tuple[TokenCounts, bool, str | None]:
+    """(tokens, estimated, model) of a whole JSON answer."""
+    decoder = _decoder(response.headers.get("content-encoding", ""))
+    try:
+        plain = decoder.decompress(data) + decoder.flush() if decoder else data
+        body = json.loads(plain)
+    except (ValueError, zlib.error):
+        body = None
+    if isinstance(body, dict):
+        try:
+            model, tokens = parse_response(body, call.upstream.provider)
+            return tokens, False, model
+        except UsageError:
+            text = sum(len(s) for s in wire._strings([body.get("choices"), body.get("content"),
+                                                      body.get("output")]))
+            return (TokenCounts(input=wire.estimate_tokens(wire.request_text_chars(call.request)),
+                                output=wire.estimate_tokens(text)), True,
+                    body.get("model") if isinstance(body.get("model"), str) else None)
+    return TokenCounts(input=wire.estimate_tokens(wire.request_text_chars(call.request))), \
+        True, None
+
+
+def _decoder(encoding: str) -> Any:
+    encoding = encoding.strip().lower()
+    if encoding in ("gzip", "deflate"):
+        return zlib.decompressobj(47)  # 32 + 15: accept gzip and zlib headers alike
+    return None
+
+
+def _response_headers(raw: Any, keep_length: bool) -> list[tuple[bytes, bytes]]:
+    drop = _HOP_BY_HOP if not keep_length else _HOP_BY_HOP - {b"content-length"}
+    return [(name.lower(), value) for name, value in raw if name.lower() not in drop]
+
+
+async def _reply(send: Send, status: int, body: bytes,
+                 extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class ProxyMiddleware:
+    """ASGI middleware form, for `app.add_middleware(ProxyMiddleware, proxy=...)`."""
+
+    def __init__(self, app: ASGIApp, proxy: Proxy) -> None:
+        self._dispatch = proxy.middleware(app)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._dispatch(scope, receive, send)
