@@ -2,33 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import signal
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as prom_exposition
 from prometheus_client.openmetrics import exposition as om_exposition
 
 from llm_cost_exporter import __version__
-from llm_cost_exporter.auth import bearer_ok
-from llm_cost_exporter.budget_guard import BudgetGuard
+from llm_cost_exporter.auth import bearer_ok, metrics_auth_ok
 from llm_cost_exporter.clock import Clock
-from llm_cost_exporter.collector import LedgerCollector
-from llm_cost_exporter.commit_queue import CommitQueue
 from llm_cost_exporter.config import Config
 from llm_cost_exporter.events import Attribution
-from llm_cost_exporter.ingest import IngestError, IngestLimits, parse_events
-from llm_cost_exporter.labels import LabelGuard
+from llm_cost_exporter.ingest import IngestError, parse_events
 from llm_cost_exporter.ledger import Ledger, LedgerUnavailable
 from llm_cost_exporter.price_db import GenAIPricesDB
-from llm_cost_exporter.pricer import Pricer
-from llm_cost_exporter.proxy.handler import Proxy, ProxyMiddleware
-from llm_cost_exporter.recorder import Recorder
-from llm_cost_exporter.stats import ExporterStats
+from llm_cost_exporter.proxy.handler import ProxyMiddleware
+from llm_cost_exporter.state import ExporterState
 
 log = logging.getLogger(__name__)
 # The classic text format every Prometheus since 2.0 reads; our names need no UTF-8 escaping.
@@ -39,40 +35,6 @@ class BodyTooLarge(Exception):
     pass
 
 
-class ExporterState:
-    """Everything a running exporter holds; one per app instance."""
-
-    def __init__(self, config: Config, ledger: Ledger, clock: Clock,
-                 price_db: GenAIPricesDB | None) -> None:
-        self.config = config
-        self.ledger = ledger
-        self.clock = clock
-        self.stats = ExporterStats()
-        self.guard = LabelGuard(
-            config.labels.max_values_per_label,
-            known={"department": config.known_departments, "project": config.known_projects},
-        )
-        label_values = getattr(ledger, "label_values", None)
-        if label_values is not None:
-            for label, values in label_values().items():
-                self.guard.seed(label, values)
-        self.commits = CommitQueue(ledger)
-        self.budget_guard = BudgetGuard(config.budgets, ledger, clock,
-                                        config.proxy.budget_refresh_seconds)
-        self.recorder = Recorder(Pricer(config.price_table, price_db), self.guard, self.commits,
-                                 self.budget_guard)
-        self.proxy = Proxy(config, self.recorder, self.budget_guard, clock, self.stats)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(LedgerCollector(lambda: self.config, ledger, clock.now,
-                                               self.guard, self.stats))
-        self.registry.register(self.proxy.metrics)
-        self.limits = IngestLimits(
-            max_batch_events=config.ingest.max_batch_events,
-            max_future_seconds=config.ingest.max_future_seconds,
-            max_value_length=config.labels.max_value_length,
-        )
-
-
 def create_app(config: Config, ledger: Ledger, clock: Clock, *,
                price_db: GenAIPricesDB | None = None) -> FastAPI:
     state = ExporterState(config, ledger, clock, price_db)
@@ -80,7 +42,13 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
         await state.proxy.start()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            # SIGHUP reloads the config, as Prometheus does (main thread only).
+            loop.add_signal_handler(signal.SIGHUP, state.reload)
         yield
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGHUP)
         await state.proxy.close()
         # Graceful stop: commit what is queued before the process exits.
         state.commits.close()
@@ -88,8 +56,8 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
     app = FastAPI(title="llm-cost-exporter", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.exporter = state
-    if config.upstreams:
-        app.add_middleware(ProxyMiddleware, proxy=state.proxy)
+    # Always installed (cheap when no upstream is configured) so a reload can add upstreams.
+    app.add_middleware(ProxyMiddleware, proxy=state.proxy)
 
     @app.post("/v1/usage", status_code=202)
     async def ingest(request: Request) -> Response:
@@ -133,8 +101,23 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
         return JSONResponse(status_code=202, content={"accepted": result.accepted,
                                                       "duplicates": result.duplicates})
 
+    @app.post("/-/reload")
+    def reload(request: Request) -> Response:
+        if not bearer_ok(request.headers.get("authorization"), state.config.ingest.tokens):
+            return _error(401, "unauthorized", "missing or wrong bearer token",
+                          headers={"WWW-Authenticate": "Bearer"})
+        ok, notes = state.reload()
+        if not ok:
+            return JSONResponse(status_code=400, content={
+                "error": "invalid_config", "message": "new config refused; the running "
+                "config is kept", "errors": notes})
+        return JSONResponse({"status": "reloaded", "notes": notes})
+
     @app.get("/metrics")
     def metrics(request: Request) -> Response:
+        if not metrics_auth_ok(request.headers.get("authorization"), state.config.metrics):
+            return _error(401, "unauthorized", "/metrics needs credentials",
+                          headers={"WWW-Authenticate": 'Basic realm="metrics", Bearer'})
         accept = request.headers.get("accept", "")
         if "application/openmetrics-text" in accept:
             data = om_exposition.generate_latest(state.registry)
@@ -161,7 +144,9 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
         return PlainTextResponse(
             f"llm-cost-exporter {__version__}\n"
             "POST /v1/usage  ingest usage events\nGET /metrics  Prometheus metrics\n"
-            "GET /healthz  liveness\nGET /readyz  readiness (ledger writable)\n")
+            "GET /healthz  liveness\nGET /readyz  readiness (ledger writable)\n"
+            "POST /-/reload  re-read the config file (also on SIGHUP)\n"
+            "/{upstream}/...  proxy to a configured LLM API\n")
 
     return app
 

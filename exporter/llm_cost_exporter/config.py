@@ -14,12 +14,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from llm_cost_exporter.config_proxy import ProxyConfig, Upstream, parse_proxy, parse_upstreams
+from llm_cost_exporter.credentials import read_basic_users, read_tokens
 from llm_cost_exporter.price_table import PriceTable, bundled_table_path, load_price_table
 from llm_cost_exporter.validation import ConfigError, Problems, resolve_path
 
 DEPARTMENT_WIDE = "*"
 _TOP_KEYS = {"listen", "allow_public_listen", "ledger", "defaults", "pricing", "ingest",
-             "labels", "budgets", "log", "upstreams", "proxy"}
+             "labels", "budgets", "log", "upstreams", "proxy", "metrics", "tls"}
 
 
 
@@ -34,10 +35,28 @@ class LedgerConfig:
 
 @dataclass(frozen=True)
 class IngestConfig:
-    tokens: tuple[str, ...] = ()
+    tokens: tuple[str, ...] = field(default=(), repr=False)
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch_events: int = 10_000
     max_future_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class MetricsAuth:
+    """Optional protection of /metrics: bearer tokens and/or basic-auth users."""
+
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    basic_users: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens or self.basic_users)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert_file: Path
+    key_file: Path
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,8 @@ class Config:
     budgets: tuple[Budget, ...] = ()
     upstreams: tuple[Upstream, ...] = ()
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    metrics: MetricsAuth = field(default_factory=MetricsAuth)
+    tls: TLSConfig | None = None
     log_level: str = "INFO"
     source: Path | None = None
 
@@ -159,7 +180,9 @@ def parse_config(data: Any, base_dir: Path, env: Mapping[str, str],
     ingest = _ingest(p.mapping(root.get("ingest"), "ingest"), base_dir, env, p)
     budgets = _budgets(root.get("budgets"), labels, p)
     upstreams = parse_upstreams(root.get("upstreams"), base_dir, env, p)
-    proxy = parse_proxy(p.mapping(root.get("proxy"), "proxy"), p)
+    proxy = parse_proxy(p.mapping(root.get("proxy"), "proxy"), base_dir, env, p)
+    metrics = _metrics(p.mapping(root.get("metrics"), "metrics"), base_dir, env, p)
+    tls = _tls(p.mapping(root.get("tls"), "tls"), base_dir, p)
     log = p.mapping(root.get("log"), "log")
     p.unknown_keys(log, {"level"}, "log")
     level = str(log.get("level", "INFO")).upper()
@@ -174,7 +197,8 @@ def parse_config(data: Any, base_dir: Path, env: Mapping[str, str],
         listen_host=host, listen_port=port, allow_public_listen=allow_public, ledger=ledger,
         default_department=department, default_project=project,
         pricing_overrides=overrides_path, price_table=table, ingest=ingest, labels=labels,
-        budgets=budgets, upstreams=upstreams, proxy=proxy, log_level=level, source=source,
+        budgets=budgets, upstreams=upstreams, proxy=proxy, metrics=metrics, tls=tls,
+        log_level=level, source=source,
     )
 
 
@@ -222,34 +246,36 @@ def _ingest(obj: Mapping[str, Any], base_dir: Path, env: Mapping[str, str],
             p: Problems) -> IngestConfig:
     p.unknown_keys(obj, {"tokens_env", "tokens_file", "max_body_bytes", "max_batch_events",
                          "max_future_seconds", "tokens"}, "ingest")
-    if "tokens" in obj:
-        p.add("ingest.tokens", "inline tokens are not allowed: use tokens_env or tokens_file")
-    raw: list[str] = []
-    env_name = obj.get("tokens_env")
-    if env_name:
-        if env_name not in env:
-            p.add("ingest.tokens_env", f"environment variable {env_name} is not set")
-        else:
-            raw += env[env_name].replace(",", " ").split()
-    if obj.get("tokens_file"):
-        token_path = resolve_path(obj["tokens_file"], base_dir)
-        try:
-            lines = token_path.read_text(encoding="utf-8").splitlines()
-            raw += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-        except OSError as exc:
-            p.add("ingest.tokens_file", f"cannot read {token_path}: {exc.strerror}")
-    if (env_name or obj.get("tokens_file")) and not raw:
-        p.add("ingest", "tokens_env/tokens_file is set but holds no token")
-    for i, token in enumerate(raw):
-        if len(token) < 16:
-            # Say which one by position only: the token itself is a secret.
-            p.add("ingest.tokens", f"token #{i + 1} is shorter than 16 characters")
     return IngestConfig(
-        tokens=tuple(raw),
+        tokens=read_tokens(obj, "ingest", base_dir, env, p),
         max_body_bytes=p.integer(obj, "max_body_bytes", "ingest", 8 * 1024 * 1024, minimum=1024),
         max_batch_events=p.integer(obj, "max_batch_events", "ingest", 10_000, minimum=1),
         max_future_seconds=p.integer(obj, "max_future_seconds", "ingest", 300, minimum=0),
     )
+
+
+def _metrics(obj: Mapping[str, Any], base_dir: Path, env: Mapping[str, str],
+             p: Problems) -> MetricsAuth:
+    p.unknown_keys(obj, {"tokens_env", "tokens_file", "tokens", "basic_auth_file"}, "metrics")
+    return MetricsAuth(tokens=read_tokens(obj, "metrics", base_dir, env, p),
+                       basic_users=read_basic_users(obj, "metrics", base_dir, p))
+
+
+def _tls(obj: Mapping[str, Any], base_dir: Path, p: Problems) -> TLSConfig | None:
+    p.unknown_keys(obj, {"cert_file", "key_file"}, "tls")
+    if not obj:
+        return None
+    files = {}
+    for key in ("cert_file", "key_file"):
+        if not obj.get(key):
+            p.add(f"tls.{key}", "is required when tls is set")
+            continue
+        files[key] = resolve_path(obj[key], base_dir)
+        if not files[key].is_file():
+            p.add(f"tls.{key}", f"{files[key]} does not exist")
+    if len(files) < 2:
+        return None
+    return TLSConfig(cert_file=files["cert_file"], key_file=files["key_file"])
 
 
 def _budgets(value: Any, labels: LabelConfig, p: Problems) -> tuple[Budget, ...]:

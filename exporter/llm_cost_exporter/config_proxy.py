@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_cost_exporter.validation import Problems, resolve_path
+from llm_cost_exporter.credentials import read_secret, read_tokens
+from llm_cost_exporter.validation import Problems
 
 WIRE_FORMATS = ("openai", "anthropic")
 _UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -31,35 +32,12 @@ class Upstream:
 
 @dataclass(frozen=True)
 class ProxyConfig:
+    # Bearer tokens apps present in `Proxy-Authorization`; empty = no proxy auth.
+    tokens: tuple[str, ...] = field(default=(), repr=False)
     max_request_bytes: int = 64 * 1024 * 1024
     # How often the proxy re-reads budget spend from the ledger (it also adds its own
     # commits as they happen); bounds how far replicas can overshoot together.
     budget_refresh_seconds: float = 5.0
-
-
-def _secret(obj: Mapping[str, Any], prefix: str, path: str, base_dir: Path,
-            env: Mapping[str, str], p: Problems) -> str | None:
-    """A secret from `<prefix>_env` or `<prefix>_file`; inline values are refused."""
-    if prefix in obj:
-        p.add(f"{path}.{prefix}", f"inline secrets are not allowed: use {prefix}_env or "
-                                  f"{prefix}_file")
-    name, file = obj.get(f"{prefix}_env"), obj.get(f"{prefix}_file")
-    if name:
-        if name not in env or not env[name].strip():
-            p.add(f"{path}.{prefix}_env", f"environment variable {name} is not set")
-            return None
-        return env[name].strip()
-    if file:
-        secret_path = resolve_path(file, base_dir)
-        try:
-            value = secret_path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            p.add(f"{path}.{prefix}_file", f"cannot read {secret_path}: {exc.strerror}")
-            return None
-        if not value:
-            p.add(f"{path}.{prefix}_file", f"{secret_path} is empty")
-        return value or None
-    return None
 
 
 def parse_upstreams(value: Any, base_dir: Path, env: Mapping[str, str],
@@ -91,7 +69,7 @@ def parse_upstreams(value: Any, base_dir: Path, env: Mapping[str, str],
         if wire not in WIRE_FORMATS:
             p.add(f"{path}.format", f"must be one of {', '.join(WIRE_FORMATS)}")
         provider = p.string(obj, "provider", path) or (name or "")
-        key = _secret(obj, "api_key", path, base_dir, env, p)
+        key = read_secret(obj, "api_key", path, base_dir, env, p)
         timeout = p.decimal(obj, "timeout_seconds", path, positive=True)
         connect = p.decimal(obj, "connect_timeout_seconds", path, positive=True)
         if name is None or base_url is None or wire not in WIRE_FORMATS:
@@ -105,10 +83,13 @@ def parse_upstreams(value: Any, base_dir: Path, env: Mapping[str, str],
     return tuple(out)
 
 
-def parse_proxy(obj: Mapping[str, Any], p: Problems) -> ProxyConfig:
-    p.unknown_keys(obj, {"max_request_bytes", "budget_refresh_seconds"}, "proxy")
+def parse_proxy(obj: Mapping[str, Any], base_dir: Path, env: Mapping[str, str],
+                p: Problems) -> ProxyConfig:
+    p.unknown_keys(obj, {"max_request_bytes", "budget_refresh_seconds", "tokens_env",
+                         "tokens_file", "tokens"}, "proxy")
     refresh = p.decimal(obj, "budget_refresh_seconds", "proxy", positive=True)
     return ProxyConfig(
+        tokens=read_tokens(obj, "proxy", base_dir, env, p),
         max_request_bytes=p.integer(obj, "max_request_bytes", "proxy", 64 * 1024 * 1024,
                                     minimum=1024),
         budget_refresh_seconds=float(refresh) if refresh is not None else 5.0,

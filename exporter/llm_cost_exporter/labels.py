@@ -27,6 +27,12 @@ class LabelGuard:
         self.overflow: Counter[str] = Counter()
         self._lock = threading.Lock()
 
+    def reconfigure(self, max_values: int, known: dict[str, Iterable[str]]) -> None:
+        """A reloaded config: new cap and known values; admitted values stay admitted."""
+        with self._lock:
+            self._max = max_values
+            self._known = {name: frozenset(known.get(name, ())) for name in GUARDED}
+
     def seed(self, label: str, values: Iterable[str]) -> None:
         """Re-admit values already in the ledger, so a restart keeps the same series."""
         with self._lock:

@@ -53,17 +53,20 @@ class Pricer:
     def __init__(self, table: PriceTable, db: PriceDB | None) -> None:
         self._table = table
         self._db = db
-        self._cache: dict[tuple[str, str], PriceSet | None] = {}
+        # Database prices can change at dated snapshots, so their cache key includes the
+        # hour of the call; table prices never change while running.
+        self._cache: dict[tuple[str, str, int], PriceSet | None] = {}
         self._warned: set[tuple[str, str]] = set()
 
     def resolve(self, provider: str, model: str, at: datetime) -> PriceSet | None:
-        key = (provider, model)
-        if key in self._cache:
-            cached = self._cache[key]
-            # Database prices can change at a dated snapshot; table prices cannot.
-            if cached is None or self._db is None or not cached.source.startswith("genai"):
-                return cached
+        key = (provider, model, int(at.timestamp()) // 3600)
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
         price = self._resolve_uncached(provider, model, at)
+        if len(self._cache) > 50_000:  # bounded: old hours and one-off names age out
+            self._cache.clear()
         self._cache[key] = price
         return price
 

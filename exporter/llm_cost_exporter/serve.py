@@ -29,18 +29,25 @@ def serve(config_path: Path, listen: str | None, allow_public_listen: bool) -> i
         except ValueError as exc:
             raise ConfigError([f"--listen: {exc}"]) from None
     public_ok = allow_public_listen or config.allow_public_listen
-    if not is_loopback(host) and not config.ingest.tokens and not public_ok:
+    unprotected = [name for name, off in (
+        ("ingest (ingest.tokens_env/tokens_file)", not config.ingest.tokens),
+        ("proxy (proxy.tokens_env/tokens_file)", bool(config.upstreams) and
+         not config.proxy.tokens)) if off]
+    if not is_loopback(host) and unprotected and not public_ok:
         raise ConfigError([
-            f"listen: {host} is not a loopback address and ingest auth is off; set "
-            "ingest.tokens_env/tokens_file, or pass --allow-public-listen if a firewall or "
-            "network policy protects the port"])
+            f"listen: {host} is not a loopback address and auth is off for "
+            f"{' and '.join(unprotected)}; set the tokens, or pass --allow-public-listen if "
+            "a firewall or network policy protects the port"])
     ledger = SQLiteLedger(config.ledger.path, config.ledger.synchronous)
     app = create_app(config, ledger, SystemClock(), price_db=GenAIPricesDB())
     log.info("starting", extra={"listen": f"{host}:{port}", "ledger": str(config.ledger.path),
                                 "budgets": len(config.budgets)})
     try:
+        tls = config.tls
         uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
-                    timeout_graceful_shutdown=10, server_header=False)
+                    timeout_graceful_shutdown=10, server_header=False,
+                    ssl_certfile=str(tls.cert_file) if tls else None,
+                    ssl_keyfile=str(tls.key_file) if tls else None)
     finally:
         ledger.close()
     return 0

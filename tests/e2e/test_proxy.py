@@ -23,12 +23,12 @@ import anthropic
 import httpx
 import openai
 import pytest
-from fixtures.fake_provider import PIECES, FakeProvider
-from fixtures.inproc import InProcessExporter, start_exporter
 
 from llm_cost_exporter.clock import FixedClock
 
 from conftest import free_port, metric_value, wait_until
+from fixtures.fake_provider import PIECES, FakeProvider
+from fixtures.inproc import InProcessExporter, start_exporter
 
 GPT4O = 0.00808
 O4_MINI = 0.0031328

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import ExporterProcess, free_port, metric_value
-from fixtures.fake_provider import FakeProvider
 
 from llm_cost_exporter.reporter import UsageReporter
+
+from conftest import ExporterProcess, free_port, metric_value
+from fixtures.fake_provider import FakeProvider
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def test_every_problem_is_reported_with_its_path(tmp_path: Path) -> None:
         "monthly_usd, project, timezone, warning_ratio)",
         "budgets[4]: duplicate budget for department=a project=*",
         "typo_key: unknown key (allowed: allow_public_listen, budgets, defaults, ingest, "
-        "labels, ledger, listen, log, pricing, proxy, upstreams)",
+        "labels, ledger, listen, log, metrics, pricing, proxy, tls, upstreams)",
     }
 
 

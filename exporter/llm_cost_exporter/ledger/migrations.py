@@ -49,6 +49,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE events ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE totals ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0
     """,
+    # 3: a one-row table that readiness checks write to, so /readyz sees a full disk or a
+    # read-only file before an event is refused.
+    """
+    CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL NOT NULL)
+    """,
 )
 
 

@@ -221,10 +221,13 @@ class SQLiteLedger:
         return Decimal(sum(r[0] for r in rows)) / PICO
 
     def check(self) -> None:
+        """A real (tiny) committed write: proves the file and the disk take writes now."""
         with self._write_lock:
             try:
                 self._writer.execute("BEGIN IMMEDIATE")
-                self._writer.execute("ROLLBACK")
+                self._writer.execute("INSERT OR REPLACE INTO health (id, checked_at) "
+                                     "VALUES (1, ?)", (time.time(),))
+                self._writer.execute("COMMIT")
             except sqlite3.Error as exc:
                 _rollback(self._writer)
                 raise LedgerUnavailable(f"ledger not writable: {exc}") from exc

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from llm_cost_exporter.auth import bearer_ok
 from llm_cost_exporter.budget_guard import BudgetGuard
 from llm_cost_exporter.clock import Clock
 from llm_cost_exporter.config import Config
@@ -81,7 +82,7 @@ class Proxy:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        if self._session is None and self.upstreams:
+        if self._session is None:
             # One shared pool for all calls; no connection limit of our own: the upstream's
             # rate limits are the app's business, not the sidecar's.
             self._session = aiohttp.ClientSession(
@@ -96,14 +97,17 @@ class Proxy:
             await self._session.close()
             self._session = None
 
-    def middleware(self, app: ASGIApp) -> ASGIApp:
-        upstreams = self.upstreams
+    def reconfigure(self, config: Config, budgets: BudgetGuard) -> None:
+        self.upstreams = {u.name: u for u in config.upstreams}
+        self._config = config
+        self._budgets = budgets
 
+    def middleware(self, app: ASGIApp) -> ASGIApp:
         async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] == "http":
+            if scope["type"] == "http" and self.upstreams:
                 path: str = scope["path"]
                 cut = path.find("/", 1)
-                upstream = upstreams.get(path[1:cut] if cut > 0 else path[1:])
+                upstream = self.upstreams.get(path[1:cut] if cut > 0 else path[1:])
                 if upstream is not None:
                     await self.handle(upstream, scope, receive, send, path[cut:] if cut > 0
                                       else "/")
@@ -117,6 +121,12 @@ class Proxy:
                      rest: str) -> None:
         started = time.perf_counter()
         fmt = upstream.wire_format
+        if self._config.proxy.tokens and not _proxy_auth_ok(scope["headers"],
+                                                             self._config.proxy.tokens):
+            await _reply(send, 407, wire.error_body(fmt, 407, "proxy_auth_required",
+                         "missing or wrong Proxy-Authorization bearer token"),
+                         [(b"proxy-authenticate", b"Bearer")])
+            return
         try:
             body = await _read_body(receive, self._config.proxy.max_request_bytes)
         except ValueError:
@@ -326,6 +336,13 @@ class Proxy:
             values[key] = value
         return Attribution(values["department"] or "", values["project"] or "",
                            values["user"]), None
+
+
+def _proxy_auth_ok(headers: list[tuple[bytes, bytes]], tokens: tuple[str, ...]) -> bool:
+    for name, value in headers:
+        if name == b"proxy-authorization":
+            return bearer_ok(value.decode("latin-1"), tokens)
+    return False
 
 
 async def _watch_disconnect(receive: Receive, gone: asyncio.Event,

@@ -9,10 +9,12 @@ from collections.abc import Iterable
 from typing import Any
 
 # Error "type"/"code" values the official SDKs understand for each status we originate.
-_OPENAI_TYPES = {429: "insufficient_quota", 502: "server_error", 504: "server_error",
-                 413: "invalid_request_error", 400: "invalid_request_error"}
-_ANTHROPIC_TYPES = {429: "rate_limit_error", 502: "api_error", 504: "api_error",
-                    413: "request_too_large", 400: "invalid_request_error"}
+_OPENAI_TYPES = {400: "invalid_request_error", 407: "invalid_request_error",
+                 413: "invalid_request_error", 429: "insufficient_quota", 502: "server_error",
+                 504: "server_error"}
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 407: "authentication_error",
+                    413: "request_too_large", 429: "rate_limit_error", 502: "api_error",
+                    504: "api_error"}
 
 
 def error_body(wire_format: str, status: int, code: str, message: str) -> bytes:
