@@ -23,7 +23,7 @@ from llm_cost_exporter.events import Attribution
 from llm_cost_exporter.ingest import IngestError, parse_events
 from llm_cost_exporter.ledger import Ledger, LedgerUnavailable
 from llm_cost_exporter.price_db import GenAIPricesDB
-from llm_cost_exporter.proxy.handler import ProxyMiddleware
+from llm_cost_exporter.proxy.handler import Receive, Scope, Send
 from llm_cost_exporter.state import ExporterState
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,24 @@ class BodyTooLarge(Exception):
     pass
 
 
+class ExporterApp:
+    """The ASGI application: proxied paths go straight to the proxy, the rest to FastAPI.
+
+    The proxy sits outside FastAPI's middleware stack on purpose: every layer there is paid
+    on every LLM call of every app behind the sidecar.
+    """
+
+    def __init__(self, api: FastAPI, state: ExporterState) -> None:
+        self.api = api
+        self.state = state
+        self._dispatch = state.proxy.middleware(api)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._dispatch(scope, receive, send)
+
+
 def create_app(config: Config, ledger: Ledger, clock: Clock, *,
-               price_db: GenAIPricesDB | None = None) -> FastAPI:
+               price_db: GenAIPricesDB | None = None) -> ExporterApp:
     state = ExporterState(config, ledger, clock, price_db)
 
     @asynccontextmanager
@@ -55,9 +71,6 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
 
     app = FastAPI(title="llm-cost-exporter", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
-    app.state.exporter = state
-    # Always installed (cheap when no upstream is configured) so a reload can add upstreams.
-    app.add_middleware(ProxyMiddleware, proxy=state.proxy)
 
     @app.post("/v1/usage", status_code=202)
     async def ingest(request: Request) -> Response:
@@ -148,7 +161,9 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
             "POST /-/reload  re-read the config file (also on SIGHUP)\n"
             "/{upstream}/...  proxy to a configured LLM API\n")
 
-    return app
+    # The proxy dispatch is always in front (cheap without upstreams), so that a reload can
+    # add upstreams.
+    return ExporterApp(app, state)
 
 
 def _reject_constant(name: str) -> Any:

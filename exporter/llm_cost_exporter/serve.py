@@ -46,6 +46,8 @@ def serve(config_path: Path, listen: str | None, allow_public_listen: bool) -> i
         tls = config.tls
         uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
                     timeout_graceful_shutdown=10, server_header=False,
+                    # X-Forwarded-* are not trusted: attribution never comes from them.
+                    proxy_headers=False,
                     ssl_certfile=str(tls.cert_file) if tls else None,
                     ssl_keyfile=str(tls.key_file) if tls else None)
     finally:

@@ -44,7 +44,7 @@ class ExporterState:
         if label_values is not None:
             for label, values in label_values().items():
                 self.guard.seed(label, values)
-        self.commits = CommitQueue(ledger)
+        self.commits = CommitQueue(ledger, inline=getattr(ledger, "cheap_commits", False))
         self.budget_guard = self._budget_guard(config)
         self.recorder = Recorder(Pricer(config.price_table, price_db), self.guard, self.commits,
                                  self.budget_guard)

@@ -67,6 +67,9 @@ class SQLiteLedger:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._synchronous = synchronous
+        # WAL + synchronous=NORMAL commits without fsync: cheap enough to run on the event
+        # loop (see CommitQueue). FULL waits for the disk, so it keeps the writer thread.
+        self.cheap_commits = synchronous.upper() == "NORMAL"
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._totals_lock = threading.Lock()
@@ -111,16 +114,23 @@ class SQLiteLedger:
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"ledger not writable: {exc}") from exc
         try:
+            # One batch: the transaction itself is its all-or-nothing boundary. Several: a
+            # savepoint each, so a failing batch does not take its neighbours down.
+            savepoints = len(batches) > 1
             for batch in batches:
-                conn.execute("SAVEPOINT batch")
+                if savepoints:
+                    conn.execute("SAVEPOINT batch")
                 try:
                     result, b_series, b_latency = self._write_batch(conn, batch, now)
                 except sqlite3.Error as exc:
+                    if not savepoints:
+                        raise
                     conn.execute("ROLLBACK TO batch")
                     conn.execute("RELEASE batch")
                     results.append(LedgerUnavailable(f"batch not written: {exc}"))
                     continue
-                conn.execute("RELEASE batch")
+                if savepoints:
+                    conn.execute("RELEASE batch")
                 results.append(result)
                 _merge(series, b_series, latency, b_latency)
             self._write_totals(conn, series, latency)

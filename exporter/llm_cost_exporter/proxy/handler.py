@@ -425,12 +425,3 @@ async def _reply(send: Send, status: int, body: bytes,
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
-
-class ProxyMiddleware:
-    """ASGI middleware form, for `app.add_middleware(ProxyMiddleware, proxy=...)`."""
-
-    def __init__(self, app: ASGIApp, proxy: Proxy) -> None:
-        self._dispatch = proxy.middleware(app)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._dispatch(scope, receive, send)
