@@ -21,6 +21,8 @@ import yaml
 
 from llm_cost_exporter.clock import FixedClock
 
+from fixtures.fake_provider import FakeProvider
+
 ROOT = Path(__file__).resolve().parent.parent
 PAYLOADS = ROOT / "examples" / "payloads"
 
@@ -28,6 +30,14 @@ PAYLOADS = ROOT / "examples" / "payloads"
 def payload(name: str) -> Any:
     text = (PAYLOADS / name).read_text()
     return text if name.endswith(".sse") else json.loads(text)
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeProvider]:
+    """A local OpenAI/Anthropic stand-in, one per test module (tests reset() it as needed)."""
+    provider = FakeProvider().start()
+    yield provider
+    provider.stop()
 
 
 @pytest.fixture

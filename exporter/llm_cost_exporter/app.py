@@ -23,7 +23,7 @@ from llm_cost_exporter.events import Attribution
 from llm_cost_exporter.ingest import IngestError, parse_events
 from llm_cost_exporter.ledger import Ledger, LedgerUnavailable
 from llm_cost_exporter.price_db import GenAIPricesDB
-from llm_cost_exporter.proxy.handler import Receive, Scope, Send
+from llm_cost_exporter.proxy.asgi import Receive, Scope, Send
 from llm_cost_exporter.state import ExporterState
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from llm_cost_exporter.config_ledger import LedgerConfig, parse_ledger
 from llm_cost_exporter.config_proxy import ProxyConfig, Upstream, parse_proxy, parse_upstreams
 from llm_cost_exporter.credentials import read_basic_users, read_tokens
 from llm_cost_exporter.price_table import PriceTable, bundled_table_path, load_price_table
@@ -22,15 +23,6 @@ DEPARTMENT_WIDE = "*"
 _TOP_KEYS = {"listen", "allow_public_listen", "ledger", "defaults", "pricing", "ingest",
              "labels", "budgets", "log", "upstreams", "proxy", "metrics", "tls"}
 
-
-
-@dataclass(frozen=True)
-class LedgerConfig:
-    backend: str = "sqlite"
-    path: Path = Path("data/ledger.db")
-    # NORMAL survives a killed process (the case that matters for a sidecar); FULL also
-    # survives power loss at a cost in commit latency.
-    synchronous: str = "NORMAL"
 
 
 @dataclass(frozen=True)
@@ -162,7 +154,7 @@ def parse_config(data: Any, base_dir: Path, env: Mapping[str, str],
     except ValueError as exc:
         p.add("listen", str(exc))
 
-    ledger = _ledger(p.mapping(root.get("ledger"), "ledger"), base_dir, p)
+    ledger = parse_ledger(p.mapping(root.get("ledger"), "ledger"), base_dir, env, p)
     defaults = p.mapping(root.get("defaults"), "defaults")
     p.unknown_keys(defaults, {"department", "project"}, "defaults")
     labels = _labels(p.mapping(root.get("labels"), "labels"), p)
@@ -200,18 +192,6 @@ def parse_config(data: Any, base_dir: Path, env: Mapping[str, str],
         budgets=budgets, upstreams=upstreams, proxy=proxy, metrics=metrics, tls=tls,
         log_level=level, source=source,
     )
-
-
-def _ledger(obj: Mapping[str, Any], base_dir: Path, p: Problems) -> LedgerConfig:
-    p.unknown_keys(obj, {"backend", "path", "synchronous"}, "ledger")
-    backend = obj.get("backend", "sqlite")
-    if backend != "sqlite":
-        p.add("ledger.backend", "must be 'sqlite' (the only backend in this release)")
-    sync = str(obj.get("synchronous", "NORMAL")).upper()
-    if sync not in {"NORMAL", "FULL"}:
-        p.add("ledger.synchronous", "must be NORMAL or FULL")
-    path = resolve_path(obj.get("path", "data/ledger.db"), base_dir)
-    return LedgerConfig(backend="sqlite", path=path, synchronous=sync)
 
 
 def _labels(obj: Mapping[str, Any], p: Problems) -> LabelConfig:

@@ -84,16 +84,10 @@ def test_metrics_auth_bearer_and_basic(exporter_factory: Callable[..., ExporterP
     assert httpx.get(f"{exporter.url}/healthz").status_code == 200  # probes stay open
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeProvider]:
-    provider = FakeProvider().start()
-    yield provider
-    provider.stop()
-
-
 def test_proxy_auth_is_required_when_configured(
         exporter_factory: Callable[..., ExporterProcess], fake: FakeProvider,
         tmp_path: Path) -> None:
+    fake.reset()
     (tmp_path / "proxy-tokens").write_text(f"{TOKEN}\n")
     exporter = exporter_factory({
         "upstreams": [{"name": "openai", "base_url": fake.url}],

@@ -37,13 +37,6 @@ TEAM = {"X-LLM-Department": "engineering", "X-LLM-Project": "ai-features"}
 SERIES = {"department": "engineering", "project": "ai-features"}
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeProvider]:
-    provider = FakeProvider().start()
-    yield provider
-    provider.stop()
-
-
 @pytest.fixture
 def proxy_clock() -> FixedClock:
     return FixedClock(datetime(2026, 3, 14, 12, 0, tzinfo=UTC))

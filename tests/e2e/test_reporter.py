@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import openai
@@ -12,13 +12,6 @@ from llm_cost_exporter.reporter import UsageReporter
 
 from conftest import ExporterProcess, free_port, metric_value
 from fixtures.fake_provider import FakeProvider
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeProvider]:
-    provider = FakeProvider().start()
-    yield provider
-    provider.stop()
 
 
 def test_reports_sdk_responses_after_the_exporter_comes_up(

@@ -13,13 +13,11 @@ import logging
 import re
 import time
 import zlib
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from llm_cost_exporter.auth import bearer_ok
 from llm_cost_exporter.budget_guard import BudgetGuard
 from llm_cost_exporter.clock import Clock
 from llm_cost_exporter.config import Config
@@ -27,25 +25,29 @@ from llm_cost_exporter.config_proxy import Upstream
 from llm_cost_exporter.events import Attribution, TokenCounts, UsageEvent
 from llm_cost_exporter.ledger import LedgerUnavailable
 from llm_cost_exporter.proxy import wire
+from llm_cost_exporter.proxy.asgi import (
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    reply,
+    watch_disconnect,
+)
+from llm_cost_exporter.proxy.headers import (
+    decoder_for,
+    forward_headers,
+    proxy_auth_ok,
+    response_headers,
+)
 from llm_cost_exporter.proxy.metrics import ProxyStats
 from llm_cost_exporter.proxy.stream import StreamTap
 from llm_cost_exporter.recorder import Recorder
 from llm_cost_exporter.stats import ExporterStats
 from llm_cost_exporter.usage import UsageError, parse_response
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
 log = logging.getLogger(__name__)
 
-_HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
-               b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host",
-               b"content-length"}
-_ATTRIBUTION = {b"x-llm-department": "department", b"x-llm-project": "project",
-                b"x-llm-user": "user"}
-_DECODABLE = {"gzip", "deflate", "identity"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _GENERATION = ("/chat/completions", "/completions", "/responses", "/messages", "/embeddings")
 
@@ -121,22 +123,22 @@ class Proxy:
                      rest: str) -> None:
         started = time.perf_counter()
         fmt = upstream.wire_format
-        if self._config.proxy.tokens and not _proxy_auth_ok(scope["headers"],
+        if self._config.proxy.tokens and not proxy_auth_ok(scope["headers"],
                                                              self._config.proxy.tokens):
-            await _reply(send, 407, wire.error_body(fmt, 407, "proxy_auth_required",
+            await reply(send, 407, wire.error_body(fmt, 407, "proxy_auth_required",
                          "missing or wrong Proxy-Authorization bearer token"),
                          [(b"proxy-authenticate", b"Bearer")])
             return
         try:
-            body = await _read_body(receive, self._config.proxy.max_request_bytes)
+            body = await read_body(receive, self._config.proxy.max_request_bytes)
         except ValueError:
-            await _reply(send, 413, wire.error_body(fmt, 413, "request_too_large",
+            await reply(send, 413, wire.error_body(fmt, 413, "request_too_large",
                          "request body larger than proxy.max_request_bytes"))
             return
-        headers, found = self._forward_headers(scope["headers"], upstream)
+        headers, found = forward_headers(scope["headers"], upstream)
         attribution, problem = self._attribution(found)
         if problem:
-            await _reply(send, 400, wire.error_body(fmt, 400, "invalid_attribution", problem))
+            await reply(send, 400, wire.error_body(fmt, 400, "invalid_attribution", problem))
             return
         request = _json_object(body)
         model = request.get("model") if request else None
@@ -149,7 +151,7 @@ class Proxy:
             message = (f"budget of {block.department}/{block.project} for this {block.period} "
                        f"period is spent (${block.spend:.2f} of ${block.limit:.2f}); "
                        f"retry after {block.period_end.isoformat()}")
-            await _reply(send, 429, wire.error_body(fmt, 429, "budget_exceeded", message),
+            await reply(send, 429, wire.error_body(fmt, 429, "budget_exceeded", message),
                          [(b"retry-after", str(block.retry_after_seconds).encode()),
                           (b"x-should-retry", b"false")])
             return
@@ -161,7 +163,7 @@ class Proxy:
             url += "?" + scope["query_string"].decode("latin-1")
         task = asyncio.current_task()
         gone = asyncio.Event()
-        watcher = asyncio.create_task(_watch_disconnect(receive, gone, task))
+        watcher = asyncio.create_task(watch_disconnect(receive, gone, task))
         try:
             await self._forward(call, scope["method"], url, headers, body, strip, send, gone)
         except asyncio.CancelledError:
@@ -224,15 +226,15 @@ class Proxy:
             await self._record(call, tokens, "error" if status >= 400 else "success",
                                estimated=estimated)
         await send({"type": "http.response.start", "status": status,
-                    "headers": _response_headers(response.raw_headers, keep_length=True)})
+                    "headers": response_headers(response.raw_headers, keep_length=True)})
         await send({"type": "http.response.body", "body": data, "more_body": False})
 
     async def _stream(self, call: _Call, response: aiohttp.ClientResponse, strip: bool,
                       send: Send, gone: asyncio.Event) -> None:
         tap = call.tap = StreamTap(call.upstream.provider, strip)
-        decoder = _decoder(response.headers.get("content-encoding", ""))
+        decoder = decoder_for(response.headers.get("content-encoding", ""))
         await send({"type": "http.response.start", "status": response.status,
-                    "headers": _response_headers(response.raw_headers, keep_length=False)})
+                    "headers": response_headers(response.raw_headers, keep_length=False)})
         async for chunk in response.content.iter_any():
             if call.ttft is None:
                 call.ttft = time.perf_counter() - call.started
@@ -269,7 +271,7 @@ class Proxy:
         self.metrics.upstream_errors[(call.upstream.provider, status_class)] += 1
         await self._record(call, TokenCounts(), "error", estimated=False)
         code = "upstream_timeout" if status == 504 else "upstream_unreachable"
-        await _reply(send, status, wire.error_body(call.upstream.wire_format, status, code,
+        await reply(send, status, wire.error_body(call.upstream.wire_format, status, code,
                                                    message))
 
     async def _record(self, call: _Call, tokens: TokenCounts, outcome: str,
@@ -294,35 +296,6 @@ class Proxy:
                       extra={"error": str(exc), "upstream": call.upstream.name})
 
     # -- request pieces -------------------------------------------------------------------
-    def _forward_headers(self, raw: list[tuple[bytes, bytes]], upstream: Upstream
-                         ) -> tuple[list[tuple[str, str]], dict[str, str]]:
-        out: list[tuple[str, str]] = []
-        found: dict[str, str] = {}
-        dropped = set(_HOP_BY_HOP)
-        for name, value in raw:
-            if name == b"connection":  # headers the client marked hop-by-hop
-                dropped |= {v.strip().lower() for v in value.split(b",")}
-        for name, value in raw:
-            if name in dropped:
-                continue
-            if name in _ATTRIBUTION:
-                found[_ATTRIBUTION[name]] = value.decode("latin-1")
-                continue
-            if upstream.api_key and name in wire.KEY_HEADERS:
-                continue
-            if name == b"accept-encoding":
-                # Only encodings we can decode to read usage; the body itself passes as is.
-                kept = [e for e in value.decode("latin-1").split(",")
-                        if e.split(";")[0].strip().lower() in _DECODABLE]
-                if kept:
-                    out.append(("accept-encoding", ",".join(kept).strip()))
-                continue
-            out.append((name.decode("latin-1"), value.decode("latin-1")))
-        if upstream.api_key:
-            key_name, key_value = wire.key_header(upstream.wire_format, upstream.api_key)
-            out.append((key_name.decode(), key_value.decode()))
-        return out, found
-
     def _attribution(self, found: dict[str, str]) -> tuple[Attribution, str | None]:
         cfg = self._config
         values = {"department": cfg.default_department, "project": cfg.default_project,
@@ -338,41 +311,6 @@ class Proxy:
                            values["user"]), None
 
 
-def _proxy_auth_ok(headers: list[tuple[bytes, bytes]], tokens: tuple[str, ...]) -> bool:
-    for name, value in headers:
-        if name == b"proxy-authorization":
-            return bearer_ok(value.decode("latin-1"), tokens)
-    return False
-
-
-async def _watch_disconnect(receive: Receive, gone: asyncio.Event,
-                            task: asyncio.Task[Any] | None) -> None:
-    """Cancel the call when the client goes away, which closes the upstream request too."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            gone.set()
-            if task is not None:
-                task.cancel()
-            return
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise ValueError("too large")
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
 def _json_object(body: bytes) -> dict[str, Any] | None:
     if not body.startswith(b"{") or len(body) > 4 * 1024 * 1024:
         return None
@@ -386,7 +324,7 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
 def _usage_of(call: _Call, data: bytes, response: aiohttp.ClientResponse
               ) -> tuple[TokenCounts, bool, str | None]:
     """(tokens, estimated, model) of a whole JSON answer."""
-    decoder = _decoder(response.headers.get("content-encoding", ""))
+    decoder = decoder_for(response.headers.get("content-encoding", ""))
     try:
         plain = decoder.decompress(data) + decoder.flush() if decoder else data
         body = json.loads(plain)
@@ -404,24 +342,3 @@ def _usage_of(call: _Call, data: bytes, response: aiohttp.ClientResponse
                     body.get("model") if isinstance(body.get("model"), str) else None)
     return TokenCounts(input=wire.estimate_tokens(wire.request_text_chars(call.request))), \
         True, None
-
-
-def _decoder(encoding: str) -> Any:
-    encoding = encoding.strip().lower()
-    if encoding in ("gzip", "deflate"):
-        return zlib.decompressobj(47)  # 32 + 15: accept gzip and zlib headers alike
-    return None
-
-
-def _response_headers(raw: Any, keep_length: bool) -> list[tuple[bytes, bytes]]:
-    drop = _HOP_BY_HOP if not keep_length else _HOP_BY_HOP - {b"content-length"}
-    return [(name.lower(), value) for name, value in raw if name.lower() not in drop]
-
-
-async def _reply(send: Send, status: int, body: bytes,
-                 extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode()), *(extra or [])]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
