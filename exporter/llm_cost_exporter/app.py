@@ -131,11 +131,12 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
         if not metrics_auth_ok(request.headers.get("authorization"), state.config.metrics):
             return _error(401, "unauthorized", "/metrics needs credentials",
                           headers={"WWW-Authenticate": 'Basic realm="metrics", Bearer'})
-        accept = request.headers.get("accept", "")
-        if "application/openmetrics-text" in accept:
-            data = om_exposition.generate_latest(state.registry)
-            return Response(data, media_type=om_exposition.CONTENT_TYPE_LATEST)
-        return Response(prom_exposition.generate_latest(state.registry),
+        openmetrics = "application/openmetrics-text" in request.headers.get("accept", "")
+        usage = state.renderer.render(state.ledger.totals(), openmetrics).encode()
+        if openmetrics:  # its generate_latest ends the exposition with "# EOF"
+            return Response(usage + om_exposition.generate_latest(state.registry),
+                            media_type=om_exposition.CONTENT_TYPE_LATEST)
+        return Response(usage + prom_exposition.generate_latest(state.registry),
                         media_type=TEXT_FORMAT_0_0_4)
 
     @app.get("/healthz")

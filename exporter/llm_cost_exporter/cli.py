@@ -1,4 +1,4 @@
-"""Command line: serve, check-config, price."""
+"""Command line: serve, check-config, price, migrate, copy-ledger."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from llm_cost_exporter import cli_ledger
+from llm_cost_exporter.ledger.base import LedgerUnavailable
 from llm_cost_exporter.validation import ConfigError
 
 log = logging.getLogger("llm_cost_exporter")
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     price.add_argument("--reasoning", type=int, default=0)
     price.add_argument("--usage", help="a provider usage JSON object instead of token flags")
     price.add_argument("--at", help="price as of this RFC 3339 time (default now)")
+    cli_ledger.add_commands(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -45,12 +48,19 @@ def main(argv: list[str] | None = None) -> int:
             return run_server(args.config, args.listen, args.allow_public_listen)
         if args.command == "check-config":
             return _check_config(args.config)
+        if args.command == "migrate":
+            return cli_ledger.migrate(args.config)
+        if args.command == "copy-ledger":
+            return cli_ledger.copy_ledger(args.from_sqlite, args.config)
         return _price(args)
     except ConfigError as exc:
         print("configuration errors:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    except LedgerUnavailable as exc:
+        print(f"ledger unavailable: {exc}", file=sys.stderr)
+        return 1
 
 
 def _check_config(path: Path) -> int:
@@ -59,8 +69,7 @@ def _check_config(path: Path) -> int:
     cfg = load_config(path)
     print(f"config {path}: OK")
     print(f"  listen: {cfg.listen_host}:{cfg.listen_port}")
-    print(f"  ledger: {cfg.ledger.backend} at {cfg.ledger.path} "
-          f"(synchronous={cfg.ledger.synchronous})")
+    print(f"  ledger: {cfg.ledger.describe()}")
     print(f"  defaults: department={cfg.default_department} project={cfg.default_project}")
     print(f"  pricing overrides: {cfg.pricing_overrides or 'none'} "
           f"({len(cfg.price_table.models)} models, {len(cfg.price_table.aliases)} aliases)")

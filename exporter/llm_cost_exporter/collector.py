@@ -1,18 +1,15 @@
-"""/metrics as a view of the ledger: committed running totals and budget state."""
+"""/metrics families other than usage: budget state and the exporter's own health."""
 
 from __future__ import annotations
 
 import logging
 import platform
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from decimal import Decimal
 
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
@@ -21,7 +18,7 @@ from llm_cost_exporter import __version__
 from llm_cost_exporter.budgets import budget_statuses
 from llm_cost_exporter.config import Config
 from llm_cost_exporter.labels import GUARDED, LabelGuard
-from llm_cost_exporter.ledger import LATENCY_BUCKETS, Ledger, LedgerUnavailable
+from llm_cost_exporter.ledger import Ledger, LedgerUnavailable
 from llm_cost_exporter.stats import REJECT_REASONS, ExporterStats
 
 log = logging.getLogger(__name__)
@@ -39,66 +36,9 @@ class LedgerCollector(Collector):
         self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._usage()
+        # The usage families (the big ones) are rendered by exposition.UsageRenderer.
         yield from self._budgets()
         yield from self._health()
-
-    def _usage(self) -> Iterator[Metric]:
-        totals = self._ledger.totals()
-        requests = CounterMetricFamily(
-            "llm_requests_total", "LLM calls recorded, by outcome (success, error, client_closed).",
-            labels=[*_SERIES, "outcome"])
-        tokens = CounterMetricFamily(
-            "llm_tokens_total", "Billed tokens by disjoint type; the sum over token_type counts "
-            "every billed token exactly once.", labels=[*_SERIES, "token_type"])
-        reasoning = CounterMetricFamily(
-            "llm_reasoning_tokens_total", "Reasoning/thinking tokens (already inside "
-            "token_type=output; do not add them again).", labels=_SERIES)
-        cost = CounterMetricFamily("llm_cost_usd_total", "Cost of LLM calls in US dollars.",
-                                   labels=_SERIES)
-        unpriced = CounterMetricFamily(
-            "llm_unpriced_requests_total", "Calls to models with no known price (recorded at "
-            "cost 0): add the model to the pricing overrides.", labels=["provider", "model"])
-        estimated = CounterMetricFamily(
-            "llm_estimated_requests_total", "Calls whose tokens were estimated from the "
-            "streamed text because the provider reported no usage.", labels=_SERIES)
-        # Per label set without outcome: input, cache_read, cache_write, output, reasoning,
-        # estimated; cost kept apart as a Decimal.
-        by_series: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0] * 6)
-        cost_by: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
-        unpriced_by: dict[tuple[str, str], int] = defaultdict(int)
-        for key, t in totals.series.items():
-            labels = (key.department, key.project, key.provider, key.model)
-            requests.add_metric([*labels, key.outcome], t.requests)
-            acc = by_series[labels]
-            acc[0] += t.input
-            acc[1] += t.cache_read
-            acc[2] += t.cache_write
-            acc[3] += t.output
-            acc[4] += t.reasoning
-            acc[5] += t.estimated
-            cost_by[labels] += t.cost
-            if t.unpriced:
-                unpriced_by[(key.provider, key.model)] += t.unpriced
-        for labels, acc in by_series.items():
-            for i, token_type in enumerate(("input", "cache_read", "cache_write", "output")):
-                tokens.add_metric([*labels, token_type], acc[i])
-            reasoning.add_metric(list(labels), acc[4])
-            estimated.add_metric(list(labels), acc[5])
-            # Money stays Decimal up to here; float only for the exposition format.
-            cost.add_metric(list(labels), float(cost_by[labels]))
-        for (provider, model), count in unpriced_by.items():
-            unpriced.add_metric([provider, model], count)
-        duration = HistogramMetricFamily(
-            "llm_request_duration_seconds", "Latency of LLM calls as reported or measured.",
-            labels=["provider", "model"])
-        for (provider, model), lat in totals.latency.items():
-            cumulative, buckets = 0, []
-            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), lat.counts, strict=True):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            duration.add_metric([provider, model], buckets, lat.total)
-        yield from (requests, tokens, reasoning, cost, unpriced, estimated, duration)
 
     def _budgets(self) -> Iterator[Metric]:
         limit = GaugeMetricFamily("llm_budget_limit_usd", "Budget limit in US dollars for the "

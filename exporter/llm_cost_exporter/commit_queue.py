@@ -4,11 +4,13 @@ Requests hand their batch to a single writer thread and wait; the thread takes e
 that queued up while the previous commit ran and commits it together. Every caller is
 answered only after the commit that holds its batch, so an acknowledged event is durable.
 
-With `inline=True` async callers skip the thread: batches submitted during one event-loop
-iteration are committed together by a callback on the loop itself. That saves two thread
-switches per commit, and is right when a commit is cheap (SQLite WAL with synchronous=NORMAL
-does not fsync on commit); a ledger whose commits wait on the disk or the network keeps the
-writer thread so the loop never blocks on them.
+With `inline=True` small batches (a proxied call, a single ingested event) skip the thread:
+those submitted during one event-loop iteration are committed together by a callback on the
+loop itself. That saves two thread switches per commit, and is right when a commit is cheap
+(SQLite WAL with synchronous=NORMAL does not fsync on commit). Large batches still go to the
+writer thread, where SQLite's work runs on the other core while the loop parses the next
+request (sqlite3 releases the GIL while it executes). A ledger whose commits wait on the disk
+or the network keeps the thread for everything, so the loop never blocks on them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from llm_cost_exporter.events import PricedEvent
 from llm_cost_exporter.ledger import BatchResult, Ledger
 
 _STOP = object()
+# Batches up to this size are committed on the event loop when inline mode is on.
+INLINE_MAX_EVENTS = 16
 
 
 class CommitQueue:
@@ -44,7 +48,7 @@ class CommitQueue:
         return future
 
     async def record(self, batch: Sequence[PricedEvent]) -> BatchResult:
-        if not self._inline:
+        if not self._inline or len(batch) > INLINE_MAX_EVENTS:
             return await asyncio.wrap_future(self.submit(batch))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[BatchResult] = loop.create_future()

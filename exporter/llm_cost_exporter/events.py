@@ -26,10 +26,14 @@ class TokenCounts:
     cache_write_1h: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("input", "cache_read", "cache_write", "output", "reasoning", "cache_write_1h"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 0:
-                raise ValueError(f"{name}: must be a non-negative integer")
+        values = (self.input, self.cache_read, self.cache_write, self.output, self.reasoning,
+                  self.cache_write_1h)
+        # One cheap pass on the hot path; the field is only looked for on failure.
+        if not all(type(v) is int and v >= 0 for v in values):
+            for name, value in zip(("input", "cache_read", "cache_write", "output",
+                                    "reasoning", "cache_write_1h"), values, strict=True):
+                if type(value) is not int or value < 0:
+                    raise ValueError(f"{name}: must be a non-negative integer")
         if self.reasoning > self.output:
             raise ValueError("reasoning: must not exceed output (it is a subset of output)")
         if self.cache_write_1h > self.cache_write:

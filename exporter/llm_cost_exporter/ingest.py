@@ -77,17 +77,20 @@ def _label(obj: Mapping[str, Any], key: str, path: str, default: str | None,
     value = obj.get(key)
     if value is None:
         return default
+    if type(value) is str and 0 < len(value) <= limits.max_value_length and \
+            not _CONTROL.search(value):
+        stripped = value.strip()
+        if stripped:
+            return stripped
+    # Slow path: only a bad value pays for naming its field.
     field = _join(path, key)
     if not isinstance(value, str) or not value.strip():
         errors.add(field, "must be a non-empty string")
-        return None
-    if len(value) > limits.max_value_length:
+    elif len(value) > limits.max_value_length:
         errors.add(field, f"longer than {limits.max_value_length} characters")
-        return None
-    if _CONTROL.search(value):
+    else:
         errors.add(field, "must not contain control characters")
-        return None
-    return value.strip()
+    return None
 
 
 def _parse_event(item: Any, path: str, defaults: Attribution, now: datetime,
@@ -96,9 +99,10 @@ def _parse_event(item: Any, path: str, defaults: Attribution, now: datetime,
         errors.add(path or "body", "must be an object")
         return None
     before = len(errors.errors)
-    for key in item:
-        if key not in _EVENT_KEYS:
-            errors.add(_join(path, str(key)), "unknown field")
+    if not _EVENT_KEYS.issuperset(item):
+        for key in item:
+            if key not in _EVENT_KEYS:
+                errors.add(_join(path, str(key)), "unknown field")
     department = _label(item, "department", path, defaults.department, limits, errors)
     project = _label(item, "project", path, defaults.project, limits, errors)
     user = _label(item, "user", path, defaults.user, limits, errors)
@@ -114,9 +118,9 @@ def _parse_event(item: Any, path: str, defaults: Attribution, now: datetime,
     if request_id is not None and (not isinstance(request_id, str) or not request_id
                                    or len(request_id) > MAX_REQUEST_ID):
         errors.add(_join(path, "request_id"), f"must be a string of 1-{MAX_REQUEST_ID} chars")
-    timestamp = _timestamp(item.get("timestamp"), _join(path, "timestamp"), now, limits, errors)
-    latency = _latency(item.get("latency_seconds"), _join(path, "latency_seconds"), errors)
-    outcome = _outcome(item.get("status"), _join(path, "status"), errors)
+    timestamp = _timestamp(item.get("timestamp"), path, now, limits, errors)
+    latency = _latency(item.get("latency_seconds"), path, errors)
+    outcome = _outcome(item.get("status"), path, errors)
     tokens, reported_model = _tokens(item, path, provider, errors)
     model = model or reported_model
     if model is None and "model" not in item:
@@ -174,10 +178,11 @@ def _normalized(obj: Any, field: str) -> TokenCounts:
         raise UsageError(f"{field}.{name}", str(exc).split(": ", 1)[-1]) from None
 
 
-def _timestamp(value: Any, field: str, now: datetime, limits: IngestLimits,
+def _timestamp(value: Any, path: str, now: datetime, limits: IngestLimits,
                errors: _Collector) -> datetime | None:
     if value is None:
         return now
+    field = _join(path, "timestamp")
     ts: datetime | None = None
     if isinstance(value, bool):
         pass
@@ -205,9 +210,12 @@ def _timestamp(value: Any, field: str, now: datetime, limits: IngestLimits,
     return ts
 
 
-def _latency(value: Any, field: str, errors: _Collector) -> float | None:
+def _latency(value: Any, path: str, errors: _Collector) -> float | None:
     if value is None:
         return None
+    if type(value) in (int, float) and 0 <= value <= MAX_LATENCY_SECONDS:
+        return float(value)  # NaN fails the comparison above and takes the slow path
+    field = _join(path, "latency_seconds")
     if (isinstance(value, bool) or not isinstance(value, int | float)
             or not math.isfinite(value) or not 0 <= value <= MAX_LATENCY_SECONDS):
         errors.add(field, f"must be a number of seconds in [0, {MAX_LATENCY_SECONDS:g}]")
@@ -215,9 +223,10 @@ def _latency(value: Any, field: str, errors: _Collector) -> float | None:
     return float(value)
 
 
-def _outcome(value: Any, field: str, errors: _Collector) -> str | None:
+def _outcome(value: Any, path: str, errors: _Collector) -> str | None:
     if value is None:
         return "success"
+    field = _join(path, "status")
     if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
         return "success" if value < 400 else "error"
     if isinstance(value, str) and value in OUTCOMES:

@@ -43,11 +43,19 @@ class PriceSet:
     model: str = ""
     effective_model: str = field(default="", compare=False)
 
+    def __post_init__(self) -> None:
+        # Tiers sorted once, so rates_for can stop at the first threshold not passed.
+        object.__setattr__(self, "tiers", tuple(sorted(self.tiers, key=lambda t: t[0])))
+
     def rates_for(self, tokens: TokenCounts) -> Rates:
+        if not self.tiers:
+            return self.base
         chosen = self.base
-        for threshold, rates in sorted(self.tiers, key=lambda t: t[0]):
-            if tokens.prompt_total > threshold:
-                chosen = rates
+        prompt = tokens.prompt_total
+        for threshold, rates in self.tiers:
+            if prompt <= threshold:
+                break
+            chosen = rates
         return chosen
 
     def covers(self, tokens: TokenCounts) -> bool:

@@ -16,7 +16,7 @@ def serve(config_path: Path, listen: str | None, allow_public_listen: bool) -> i
 
     from llm_cost_exporter.app import create_app
     from llm_cost_exporter.clock import SystemClock
-    from llm_cost_exporter.ledger.sqlite import SQLiteLedger
+    from llm_cost_exporter.ledger.factory import open_ledger
     from llm_cost_exporter.logs import setup_logging
     from llm_cost_exporter.price_db import GenAIPricesDB
 
@@ -38,9 +38,9 @@ def serve(config_path: Path, listen: str | None, allow_public_listen: bool) -> i
             f"listen: {host} is not a loopback address and auth is off for "
             f"{' and '.join(unprotected)}; set the tokens, or pass --allow-public-listen if "
             "a firewall or network policy protects the port"])
-    ledger = SQLiteLedger(config.ledger.path, config.ledger.synchronous)
+    ledger = open_ledger(config.ledger)
     app = create_app(config, ledger, SystemClock(), price_db=GenAIPricesDB())
-    log.info("starting", extra={"listen": f"{host}:{port}", "ledger": str(config.ledger.path),
+    log.info("starting", extra={"listen": f"{host}:{port}", "ledger": config.ledger.describe(),
                                 "budgets": len(config.budgets)})
     try:
         tls = config.tls

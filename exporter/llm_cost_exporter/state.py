@@ -13,6 +13,7 @@ from llm_cost_exporter.clock import Clock
 from llm_cost_exporter.collector import LedgerCollector
 from llm_cost_exporter.commit_queue import CommitQueue
 from llm_cost_exporter.config import Config, load_config
+from llm_cost_exporter.exposition import UsageRenderer
 from llm_cost_exporter.ingest import IngestLimits
 from llm_cost_exporter.labels import LabelGuard
 from llm_cost_exporter.ledger import Ledger
@@ -49,6 +50,7 @@ class ExporterState:
         self.recorder = Recorder(Pricer(config.price_table, price_db), self.guard, self.commits,
                                  self.budget_guard)
         self.proxy = Proxy(config, self.recorder, self.budget_guard, clock, self.stats)
+        self.renderer = UsageRenderer()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(LedgerCollector(lambda: self.config, ledger, clock.now,
                                                self.guard, self.stats))
@@ -56,8 +58,10 @@ class ExporterState:
         self.limits = _limits(config)
 
     def _budget_guard(self, config: Config) -> BudgetGuard:
+        # A ledger shared over the network is refreshed off the event loop.
         return BudgetGuard(config.budgets, self.ledger, self.clock,
-                           config.proxy.budget_refresh_seconds)
+                           config.proxy.budget_refresh_seconds,
+                           background=getattr(self.ledger, "shared", False))
 
     def apply(self, config: Config) -> list[str]:
         """Switch to a new, already validated config. Returns the settings it ignored."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
 
 from llm_cost_exporter.app import create_app
 from llm_cost_exporter.clock import FixedClock
@@ -234,6 +235,12 @@ def test_openmetrics_negotiation(client: TestClient) -> None:
     assert r.headers["content-type"].startswith("application/openmetrics-text")
     assert r.text.rstrip().endswith("# EOF")
     assert "llm_cost_usd_total{" in r.text
+    # prometheus_client's strict OpenMetrics parser accepts the whole exposition.
+    families = {f.name: f for f in om_parse(r.text)}
+    cost = next(s for s in families["llm_cost_usd"].samples if s.labels["model"] ==
+                "gpt-4o-2024-08-06")
+    assert (families["llm_cost_usd"].type, cost.value) == ("counter", 0.00808)
+    assert families["llm_request_duration_seconds"].type == "histogram"
     plain = client.get("/metrics")
     assert plain.headers["content-type"].startswith("text/plain; version=0.0.4")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -65,12 +66,7 @@ class LatencyTotals:
     count: int = 0
 
     def observe(self, seconds: float) -> None:
-        index = len(LATENCY_BUCKETS)
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                index = i
-                break
-        self.counts[index] += 1
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.total += seconds
         self.count += 1
 

@@ -27,7 +27,7 @@ SLOT_SECONDS = 900
 PICO = Decimal("1e12")
 
 _INSERT_EVENT = """
-INSERT OR IGNORE INTO events (request_id, ts, department, project, provider, model,
+INSERT INTO events (request_id, ts, department, project, provider, model,
     raw_department, raw_project, raw_model, user_name, outcome, input, cache_read, cache_write,
     cache_write_1h, output, reasoning, cost_usd, priced, price_source, latency_seconds, source,
     recorded_at, estimated)
@@ -59,7 +59,42 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA busy_timeout=10000")
+    # The request_id index takes random keys: a bigger page cache keeps its hot pages.
+    conn.execute("PRAGMA cache_size=-16384")
+    # Checkpoints run in their own thread (see _Checkpointer), not inside a commit.
+    conn.execute("PRAGMA wal_autocheckpoint=0")
     return conn
+
+
+class _Checkpointer:
+    """Copies the WAL back into the database every second, off the commit path.
+
+    PASSIVE never blocks the writer or readers; it does what it can and the next round
+    does the rest. Without it (autocheckpoint is off) the WAL would grow without bound.
+    """
+
+    def __init__(self, path: Path, synchronous: str, interval: float = 1.0) -> None:
+        self._conn = _connect(path, synchronous)
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, name="ledger-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.checkpoint()
+
+    def checkpoint(self, mode: str = "PASSIVE") -> None:
+        # A full disk or a locked file: the next round tries again.
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute(f"PRAGMA wal_checkpoint({mode})")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.checkpoint("TRUNCATE")
+        self._conn.close()
 
 
 class SQLiteLedger:
@@ -77,6 +112,7 @@ class SQLiteLedger:
             self._writer = _connect(path, synchronous)
             self.schema_version = migrate(self._writer)
             self._reader = _connect(path, synchronous)
+            self._checkpointer = _Checkpointer(path, synchronous)
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"cannot open ledger {path}: {exc}") from exc
         self._totals = self._load_totals()
@@ -133,7 +169,7 @@ class SQLiteLedger:
                     conn.execute("RELEASE batch")
                 results.append(result)
                 _merge(series, b_series, latency, b_latency)
-            self._write_totals(conn, series, latency)
+            new_series, new_latency = self._write_totals(conn, series, latency)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             _rollback(conn)
@@ -141,76 +177,119 @@ class SQLiteLedger:
         except BaseException:
             _rollback(conn)
             raise
-        # Only now, after COMMIT, do the new totals become visible to scrapes.
+        # Only now, after COMMIT, do the new totals become visible to scrapes. Published
+        # objects are replaced, never changed, so readers can share them without copying.
         with self._totals_lock:
-            _merge(self._totals.series, series, self._totals.latency, latency)
+            self._totals.series.update(new_series)
+            self._totals.latency.update(new_latency)
         return results
 
     def _write_batch(self, conn: sqlite3.Connection, batch: Sequence[PricedEvent], now: float
                      ) -> tuple[BatchResult, dict[SeriesKey, SeriesTotals],
                                 dict[tuple[str, str], LatencyTotals]]:
-        accepted = duplicates = 0
+        seen = self._known_ids(conn, batch)
         written: list[int] = []
-        series: dict[SeriesKey, SeriesTotals] = {}
+        rows: list[tuple[object, ...]] = []
+        # Per label set: requests, input, cache_read, cache_write, output, reasoning,
+        # unpriced, estimated; costs apart (Decimal). Plain lists: this loop is per event.
+        sums: dict[SeriesKey, list[int]] = {}
+        costs: dict[SeriesKey, Decimal] = {}
         latency: dict[tuple[str, str], LatencyTotals] = {}
+        spend: dict[tuple[str, str, int], int] = {}
         for position, priced in enumerate(batch):
             ev, lab, tok = priced.event, priced.labels, priced.event.tokens
+            rid = ev.request_id
+            if rid is not None:
+                if rid in seen:
+                    continue  # already recorded (or twice in this batch): counted once
+                seen.add(rid)
+            written.append(position)
             cost = priced.cost.total
             ts = ev.timestamp.timestamp()
-            cur = conn.execute(_INSERT_EVENT, (
-                ev.request_id, ts, lab.department, lab.project, lab.provider, lab.model,
+            rows.append((
+                rid, ts, lab.department, lab.project, lab.provider, lab.model,
                 _if_differs(ev.attribution.department, lab.department),
                 _if_differs(ev.attribution.project, lab.project),
                 _if_differs(ev.model, lab.model), ev.attribution.user, ev.outcome,
                 tok.input, tok.cache_read, tok.cache_write, tok.cache_write_1h, tok.output,
                 tok.reasoning, str(cost), int(priced.priced), priced.price_source,
                 ev.latency_seconds, ev.source, now, int(ev.estimated)))
-            if cur.rowcount == 0:
-                duplicates += 1  # same request_id already recorded: count it once
-                continue
-            accepted += 1
-            written.append(position)
             key = SeriesKey(lab.department, lab.project, lab.provider, lab.model, ev.outcome)
-            s = series.setdefault(key, SeriesTotals())
-            s.add(SeriesTotals(1, tok.input, tok.cache_read, tok.cache_write, tok.output,
-                               tok.reasoning, 0 if priced.priced else 1, cost,
-                               int(ev.estimated)))
-            if ev.latency_seconds is not None:
-                latency.setdefault((lab.provider, lab.model), LatencyTotals()).observe(
-                    ev.latency_seconds)
+            acc = sums.get(key)
+            if acc is None:
+                acc = sums[key] = [0] * 8
+                costs[key] = Decimal(0)
+            acc[0] += 1
+            acc[1] += tok.input
+            acc[2] += tok.cache_read
+            acc[3] += tok.cache_write
+            acc[4] += tok.output
+            acc[5] += tok.reasoning
+            acc[6] += not priced.priced
+            acc[7] += ev.estimated
             if cost:
-                pico = int((cost * PICO).to_integral_value(ROUND_HALF_EVEN))
-                conn.execute(_ADD_SPEND, (lab.department, lab.project,
-                                          int(ts // SLOT_SECONDS) * SLOT_SECONDS, pico))
-        return BatchResult(accepted, duplicates, tuple(written)), series, latency
+                costs[key] += cost
+                slot = (lab.department, lab.project, int(ts // SLOT_SECONDS) * SLOT_SECONDS)
+                spend[slot] = spend.get(slot, 0) + int(
+                    (cost * PICO).to_integral_value(ROUND_HALF_EVEN))
+            if ev.latency_seconds is not None:
+                hist = latency.get((lab.provider, lab.model))
+                if hist is None:
+                    hist = latency[(lab.provider, lab.model)] = LatencyTotals()
+                hist.observe(ev.latency_seconds)
+        # Plain INSERT: with one writer holding the transaction, the ids above are exactly
+        # the new ones; a conflict here would be a bug, and fails the batch loudly.
+        conn.executemany(_INSERT_EVENT, rows)
+        conn.executemany(_ADD_SPEND, [(*slot, pico) for slot, pico in spend.items()])
+        series = {key: SeriesTotals(*acc[:7], cost=costs[key], estimated=acc[7])
+                  for key, acc in sums.items()}
+        result = BatchResult(len(written), len(batch) - len(written), tuple(written))
+        return result, series, latency
+
+    @staticmethod
+    def _known_ids(conn: sqlite3.Connection, batch: Sequence[PricedEvent]) -> set[str]:
+        """Request ids of this batch that the ledger already holds (one query per 500)."""
+        ids = [p.event.request_id for p in batch if p.event.request_id is not None]
+        known: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            known.update(r[0] for r in conn.execute(
+                f"SELECT request_id FROM events WHERE request_id IN ({marks})", chunk))
+        return known
 
     def _write_totals(self, conn: sqlite3.Connection, series: dict[SeriesKey, SeriesTotals],
-                      latency: dict[tuple[str, str], LatencyTotals]) -> None:
+                      latency: dict[tuple[str, str], LatencyTotals]
+                      ) -> tuple[dict[SeriesKey, SeriesTotals],
+                                 dict[tuple[str, str], LatencyTotals]]:
+        """Write the new running totals; return them, to publish after COMMIT."""
         with self._totals_lock:
             committed_series = {k: self._totals.series.get(k) for k in series}
             committed_latency = {k: self._totals.latency.get(k) for k in latency}
-        rows = []
+        new_series: dict[SeriesKey, SeriesTotals] = {}
         for key, delta in series.items():
             new = (committed_series[key] or SeriesTotals()).copy()
             new.add(delta)
-            rows.append((*key, new.requests, new.input, new.cache_read, new.cache_write,
-                         new.output, new.reasoning, new.unpriced, str(new.cost),
-                         new.estimated))
-        conn.executemany(_UPSERT_TOTALS, rows)
-        lat_rows = []
-        for (provider, model), delta in latency.items():
-            lat = (committed_latency[(provider, model)] or LatencyTotals()).copy()
-            lat.add(delta)
-            lat_rows.append((provider, model, json.dumps(lat.counts), lat.total, lat.count))
-        conn.executemany(_UPSERT_LATENCY, lat_rows)
+            new_series[key] = new
+        conn.executemany(_UPSERT_TOTALS, [
+            (*key, n.requests, n.input, n.cache_read, n.cache_write, n.output, n.reasoning,
+             n.unpriced, str(n.cost), n.estimated) for key, n in new_series.items()])
+        new_latency: dict[tuple[str, str], LatencyTotals] = {}
+        for key2, delta2 in latency.items():
+            lat = (committed_latency[key2] or LatencyTotals()).copy()
+            lat.add(delta2)
+            new_latency[key2] = lat
+        conn.executemany(_UPSERT_LATENCY, [
+            (provider, model, json.dumps(lat.counts), lat.total, lat.count)
+            for (provider, model), lat in new_latency.items()])
+        return new_series, new_latency
 
     # -- reads ----------------------------------------------------------------------------
     def totals(self) -> Totals:
+        """A consistent snapshot: the dicts are copied, their (immutable-by-convention)
+        values shared; a commit replaces values instead of changing them."""
         with self._totals_lock:
-            return Totals(
-                series={k: v.copy() for k, v in self._totals.series.items()},
-                latency={k: v.copy() for k, v in self._totals.latency.items()},
-            )
+            return Totals(series=dict(self._totals.series), latency=dict(self._totals.latency))
 
     def spend(self, department: str, project: str | None, start: datetime,
               end: datetime) -> Decimal:
@@ -252,6 +331,7 @@ class SQLiteLedger:
 
     def close(self) -> None:
         with self._write_lock, self._read_lock:
+            self._checkpointer.close()
             self._reader.close()
             self._writer.close()
 

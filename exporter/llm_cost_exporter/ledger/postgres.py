@@ -1,0 +1,383 @@
+"""PostgreSQL ledger: several exporter replicas share one database.
+
+- `events` is unique on request_id across all replicas and written with INSERT ... ON
+  CONFLICT DO NOTHING, so an event sent to two replicas is stored once. Only rows that were
+  actually inserted (RETURNING) move totals and spend. When two transactions insert the same
+  request_id at once, the second waits for the first: it skips the row if the first
+  committed and inserts it if the first rolled back, so nothing is lost or counted twice.
+- `totals`/`latency_totals` are per replica (`instance`): /metrics shows this replica's own
+  rows, kept in memory and loaded at start, so `sum()` over replicas counts an event once.
+- `spend_slots` is shared: every replica reads the same budget spend.
+
+The pool hands out only connections that answer (`check`), gives up quickly while the
+database is away (ingest gets 503 within POOL_TIMEOUT) and reconnects on the next request
+once it is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from llm_cost_exporter.events import PricedEvent
+from llm_cost_exporter.ledger.base import (
+    BatchResult,
+    LatencyTotals,
+    LedgerUnavailable,
+    SeriesKey,
+    SeriesTotals,
+    Totals,
+)
+from llm_cost_exporter.ledger.pg_instance import InstanceClaim
+from llm_cost_exporter.ledger.pg_migrations import migrate
+from llm_cost_exporter.ledger.pg_sql import (
+    ADD_SPEND,
+    INSERT_EVENTS,
+    LOAD_LATENCY,
+    LOAD_TOTALS,
+    SESSION_SETTINGS,
+    UPSERT_LATENCY,
+    UPSERT_TOTALS,
+    WRITE_HEALTH,
+    event_row,
+    pg_text,
+)
+
+log = logging.getLogger(__name__)
+SLOT_SECONDS = 900
+PICO = Decimal("1e12")
+# How long a request waits for a connection before the ledger counts as unavailable (503).
+POOL_TIMEOUT = 3.0
+# How long the pool keeps retrying one connection attempt in the background; the next
+# request starts a new attempt, so recovery never waits on a long exponential backoff.
+RECONNECT_TIMEOUT = 5.0
+# A batch that fails on its data (not on the connection) fails alone, as in SQLite.
+_BATCH_ERRORS = (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError)
+# Lost a lock-ordering race with another replica: nothing was committed, try again.
+_RETRY_ERRORS = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+
+_Delta = tuple[dict[SeriesKey, SeriesTotals], dict[tuple[str, str], LatencyTotals],
+               dict[tuple[str, str, int], int]]
+
+
+def connect_kwargs(dsn: str, instance: str) -> dict[str, Any]:
+    """libpq settings the DSN does not set itself: bounded connects and dead-peer detection,
+    so a vanished server turns into an error within seconds instead of a hung writer."""
+    given = conninfo_to_dict(dsn)
+    defaults: dict[str, Any] = {
+        "connect_timeout": 5, "application_name": f"llm-cost-exporter {instance}"[:63],
+        "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+        "keepalives_count": 3, "tcp_user_timeout": 15_000,
+    }
+    return {"autocommit": True, **{k: v for k, v in defaults.items() if k not in given}}
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    for statement in SESSION_SETTINGS:
+        conn.execute(statement)
+
+
+class PostgresLedger:
+    # Commits wait on the network: CommitQueue keeps its writer thread for them.
+    cheap_commits = False
+    # Other processes write it too: budget enforcement re-reads spend in the background.
+    shared = True
+
+    def __init__(self, dsn: str, instance: str, pool_size: int = 4,
+                 start_timeout: float = 30.0, claim_timeout: float | None = None) -> None:
+        """Migrate, claim `instance`, load its totals. Waits up to `start_timeout` for the
+        database, and up to `claim_timeout` (default: the rest of it) for a previous
+        process of the same name to let go."""
+        self.instance = instance
+        self._write_lock = threading.Lock()
+        self._totals_lock = threading.Lock()
+        # Set when a commit may or may not have happened (connection lost around COMMIT):
+        # totals are re-read from the database before the next write.
+        self._resync = False
+        # The pool's own retry warnings would repeat on every attempt while the database is
+        # down; the exporter logs each refused write itself.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+        kwargs = connect_kwargs(dsn, instance)
+        deadline = time.monotonic() + start_timeout
+        self.schema_version = self._migrate_at_start(dsn, kwargs, deadline)
+        self._claim = InstanceClaim(dsn, kwargs, instance)
+        self._claim.acquire(max(1.0, deadline - time.monotonic()) if claim_timeout is None
+                            else claim_timeout)
+        self._pool = ConnectionPool(
+            dsn, min_size=1, max_size=pool_size, kwargs=kwargs, configure=_configure,
+            check=ConnectionPool.check_connection, timeout=POOL_TIMEOUT,
+            reconnect_timeout=RECONNECT_TIMEOUT, name=f"ledger-{instance}", open=False)
+        try:
+            self._pool.open(wait=True, timeout=max(1.0, deadline - time.monotonic()))
+            self._totals = self._load_totals()
+        except (PoolTimeout, psycopg.Error) as exc:
+            self.close()
+            raise LedgerUnavailable(f"cannot open ledger database: {exc}") from exc
+
+    @staticmethod
+    def _migrate_at_start(dsn: str, kwargs: dict[str, Any], deadline: float) -> int:
+        # A replica may start before its database (compose, a rolling restart): wait a bit.
+        while True:
+            try:
+                with psycopg.connect(dsn, **kwargs) as conn:
+                    return migrate(conn)[1]
+            except psycopg.OperationalError as exc:
+                if time.monotonic() >= deadline:
+                    raise LedgerUnavailable(f"cannot reach ledger database: {exc}") from exc
+                log.warning("waiting for the ledger database", extra={"error": str(exc)})
+                time.sleep(1.0)
+
+    # -- start-up and recovery ------------------------------------------------------------
+    def _load_totals(self) -> Totals:
+        totals = Totals()
+        with self._pool.connection() as conn:
+            for row in conn.execute(LOAD_TOTALS, (self.instance,)):
+                totals.series[SeriesKey(*row[:5])] = SeriesTotals(
+                    requests=row[5], input=row[6], cache_read=row[7], cache_write=row[8],
+                    output=row[9], reasoning=row[10], unpriced=row[11], cost=row[12],
+                    estimated=row[13])
+            for provider, model, counts, total, count in conn.execute(
+                    LOAD_LATENCY, (self.instance,)):
+                totals.latency[(provider, model)] = LatencyTotals(list(counts), total, count)
+        return totals
+
+    def _recover(self) -> None:
+        """Still hold the instance name; after a lost commit, re-read our own totals."""
+        self._claim.ensure(max_age=1.0)
+        if self._resync:
+            try:
+                fresh = self._load_totals()
+            except (PoolTimeout, psycopg.Error) as exc:
+                raise LedgerUnavailable(f"ledger database unreachable: {exc}") from exc
+            with self._totals_lock:
+                self._totals = fresh
+            self._resync = False
+            log.warning("running totals re-read from the ledger after a lost connection")
+
+    # -- writes ---------------------------------------------------------------------------
+    def record(self, batches: Sequence[Sequence[PricedEvent]]) -> list[BatchResult | Exception]:
+        with self._write_lock:
+            self._recover()
+            for attempt in range(3):
+                try:
+                    return self._record(batches)
+                except _RETRY_ERRORS as exc:
+                    log.warning("ledger commit retried", extra={"error": str(exc),
+                                                                "attempt": attempt + 1})
+                    last: Exception = exc
+                except PoolTimeout as exc:
+                    self._claim.suspect()
+                    raise LedgerUnavailable(f"ledger database unreachable: {exc}") from exc
+                except psycopg.Error as exc:
+                    # Perhaps lost during COMMIT: whether it happened is unknown here.
+                    self._resync = True
+                    self._claim.suspect()
+                    raise LedgerUnavailable(f"ledger commit failed: {exc}") from exc
+            raise LedgerUnavailable(f"ledger commit failed: {last}")
+
+    def _record(self, batches: Sequence[Sequence[PricedEvent]]) -> list[BatchResult | Exception]:
+        with self._pool.connection() as conn:
+            try:
+                # Fast path: every batch of this commit in one INSERT.
+                with conn.transaction():
+                    results, delta = self._insert(conn, batches, savepoints=False)
+                    self._apply(conn, delta)
+            except _BATCH_ERRORS:
+                if conn.broken:
+                    raise
+                # Some batch is bad: again, one savepoint per batch, so only it fails.
+                with conn.transaction():
+                    results, delta = self._insert(conn, batches, savepoints=True)
+                    self._apply(conn, delta)
+        # Only now, after COMMIT, do the new totals become visible to scrapes.
+        with self._totals_lock:
+            _merge(self._totals, delta)
+        return results
+
+    def _insert(self, conn: psycopg.Connection[Any], batches: Sequence[Sequence[PricedEvent]],
+                savepoints: bool) -> tuple[list[BatchResult | Exception], _Delta]:
+        # A request_id repeated inside this commit is a duplicate of its first occurrence;
+        # `plans` marks, per position, the events that may be new.
+        claimed: set[str] = set()
+        plans: list[list[bool]] = []
+        outcomes: list[set[str] | Exception] = []
+        for batch in batches:
+            plan, local = [], set()
+            for priced in batch:
+                rid = pg_text(priced.event.request_id)
+                plan.append(rid is None or (rid not in claimed and rid not in local))
+                if rid is not None:
+                    local.add(rid)
+            plans.append(plan)
+            if not savepoints:
+                claimed |= local
+                continue
+            try:
+                with conn.transaction():  # SAVEPOINT: all or nothing for this batch
+                    inserted = self._insert_rows(conn, _pick(batch, plan))
+            except _BATCH_ERRORS as exc:
+                if conn.broken:
+                    raise
+                outcomes.append(LedgerUnavailable(f"batch not written: {exc}"))
+                continue
+            claimed |= local  # a failed batch claims nothing: a later copy may be new
+            outcomes.append(inserted)
+        if not savepoints:
+            inserted = self._insert_rows(conn, [p for batch, plan in zip(batches, plans,
+                                                                          strict=True)
+                                                for p in _pick(batch, plan)])
+            outcomes = [inserted] * len(batches)
+        return _tally(batches, plans, outcomes)
+
+    def _insert_rows(self, conn: psycopg.Connection[Any],
+                     events: Sequence[PricedEvent]) -> set[str]:
+        if not events:
+            return set()
+        # Same order in every replica (by request_id): two commits that share request ids
+        # take their row locks in the same order and cannot deadlock.
+        rows = sorted((event_row(p) for p in events), key=lambda r: (r[0] is None, r[0] or ""))
+        columns = [list(col) for col in zip(*rows, strict=True)]
+        cur = conn.execute(INSERT_EVENTS, [self.instance, *columns])
+        return {rid for (rid,) in cur.fetchall() if rid is not None}
+
+    def _apply(self, conn: psycopg.Connection[Any], delta: _Delta) -> None:
+        series, latency, spend = delta
+        cur = conn.cursor()
+        if series:
+            cur.executemany(UPSERT_TOTALS, [
+                (self.instance, *key, t.requests, t.input, t.cache_read, t.cache_write,
+                 t.output, t.reasoning, t.unpriced, t.cost, t.estimated)
+                for key, t in sorted(series.items())])
+        if latency:
+            cur.executemany(UPSERT_LATENCY, [
+                (self.instance, provider, model, lat.counts, lat.total, lat.count)
+                for (provider, model), lat in sorted(latency.items())])
+        if spend:
+            # Shared rows: sorted, so concurrent replicas lock them in the same order.
+            cur.executemany(ADD_SPEND, [(*key, pico) for key, pico in sorted(spend.items())])
+
+    # -- reads ----------------------------------------------------------------------------
+    def totals(self) -> Totals:
+        with self._totals_lock:
+            return Totals(
+                series={k: v.copy() for k, v in self._totals.series.items()},
+                latency={k: v.copy() for k, v in self._totals.latency.items()},
+            )
+
+    def spend(self, department: str, project: str | None, start: datetime,
+              end: datetime) -> Decimal:
+        lo, hi = int(start.timestamp()), int(end.timestamp())
+        sql = ("SELECT SUM(cost_pico) FROM spend_slots WHERE department = %s"
+               " AND slot >= %s AND slot < %s")
+        args: tuple[object, ...] = (department, lo, hi)
+        if project is not None:
+            sql += " AND project = %s"
+            args = (*args, project)
+        try:
+            with self._pool.connection() as conn:
+                row = conn.execute(sql, args).fetchone()
+        except (PoolTimeout, psycopg.Error) as exc:
+            raise LedgerUnavailable(f"ledger not readable: {exc}") from exc
+        # SUM of BIGINT is NUMERIC in PostgreSQL: exact, no 64-bit overflow.
+        return Decimal(row[0] or 0) / PICO if row else Decimal(0)
+
+    def check(self) -> None:
+        """A real committed write, from this replica, to a database that answers now."""
+        if self._resync:
+            with self._write_lock:
+                self._recover()
+        else:
+            self._claim.ensure(max_age=1.0)
+        try:
+            with self._pool.connection() as conn:
+                conn.execute(WRITE_HEALTH, (self.instance,))
+        except (PoolTimeout, psycopg.Error) as exc:
+            raise LedgerUnavailable(f"ledger not writable: {exc}") from exc
+
+    def label_values(self) -> dict[str, set[str]]:
+        """Label values of every replica, so all replicas admit the same values first."""
+        out: dict[str, set[str]] = {k: set() for k in ("department", "project", "provider",
+                                                       "model")}
+        with contextlib.suppress(PoolTimeout, psycopg.Error), self._pool.connection() as conn:
+            for row in conn.execute("SELECT DISTINCT department, project, provider, model "
+                                    "FROM totals"):
+                for name, value in zip(out, row, strict=True):
+                    out[name].add(value)
+        with self._totals_lock:
+            for key in self._totals.series:
+                out["department"].add(key.department)
+                out["project"].add(key.project)
+                out["provider"].add(key.provider)
+                out["model"].add(key.model)
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._pool.close()
+        with contextlib.suppress(Exception):
+            self._claim.close()
+
+
+def _pick(batch: Sequence[PricedEvent], plan: list[bool]) -> list[PricedEvent]:
+    return [p for p, maybe_new in zip(batch, plan, strict=True) if maybe_new]
+
+
+def _tally(batches: Sequence[Sequence[PricedEvent]], plans: list[list[bool]],
+           outcomes: Sequence[set[str] | Exception]
+           ) -> tuple[list[BatchResult | Exception], _Delta]:
+    """Per batch: which events were new (inserted here) and what they add to the totals."""
+    results: list[BatchResult | Exception] = []
+    series: dict[SeriesKey, SeriesTotals] = {}
+    latency: dict[tuple[str, str], LatencyTotals] = {}
+    spend: dict[tuple[str, str, int], int] = {}
+    for batch, plan, inserted in zip(batches, plans, outcomes, strict=True):
+        if isinstance(inserted, Exception):
+            results.append(inserted)
+            continue
+        written: list[int] = []
+        for position, (priced, maybe_new) in enumerate(zip(batch, plan, strict=True)):
+            rid = pg_text(priced.event.request_id)
+            if not maybe_new or (rid is not None and rid not in inserted):
+                continue  # same request_id already recorded (by any replica): count it once
+            written.append(position)
+            _add_event(priced, series, latency, spend)
+        results.append(BatchResult(len(written), len(batch) - len(written), tuple(written)))
+    return results, (series, latency, spend)
+
+
+def _add_event(priced: PricedEvent, series: dict[SeriesKey, SeriesTotals],
+               latency: dict[tuple[str, str], LatencyTotals],
+               spend: dict[tuple[str, str, int], int]) -> None:
+    ev, lab, tok = priced.event, priced.labels, priced.event.tokens
+    cost = priced.cost.total
+    key = SeriesKey(lab.department, lab.project, lab.provider, lab.model, ev.outcome)
+    series.setdefault(key, SeriesTotals()).add(SeriesTotals(
+        1, tok.input, tok.cache_read, tok.cache_write, tok.output, tok.reasoning,
+        0 if priced.priced else 1, cost, int(ev.estimated)))
+    if ev.latency_seconds is not None:
+        latency.setdefault((lab.provider, lab.model), LatencyTotals()).observe(
+            ev.latency_seconds)
+    if cost:
+        # Rounded per event to pico-USD, exactly as the SQLite ledger does.
+        pico = int((cost * PICO).to_integral_value(ROUND_HALF_EVEN))
+        slot = int(ev.timestamp.timestamp() // SLOT_SECONDS) * SLOT_SECONDS
+        spend[(lab.department, lab.project, slot)] = spend.get(
+            (lab.department, lab.project, slot), 0) + pico
+
+
+def _merge(totals: Totals, delta: _Delta) -> None:
+    series, latency, _ = delta
+    for key, value in series.items():
+        totals.series.setdefault(key, SeriesTotals()).add(value)
+    for lkey, lvalue in latency.items():
+        totals.latency.setdefault(lkey, LatencyTotals()).add(lvalue)
