@@ -10,7 +10,7 @@ are produced; small families (budgets, exporter health) still go through prometh
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from decimal import Decimal
 
 from llm_cost_exporter.ledger import LATENCY_BUCKETS, SeriesKey, Totals
@@ -55,6 +55,21 @@ class UsageRenderer:
         return text
 
     def render(self, totals: Totals, openmetrics: bool) -> str:
+        return "".join(self.chunks(totals, openmetrics))
+
+    def chunks(self, totals: Totals, openmetrics: bool, lines_per_chunk: int = 2000
+               ) -> Iterator[str]:
+        """The exposition in pieces, so a large scrape never holds the whole text at once."""
+        out: list[str] = []
+        for line in self._lines(totals, openmetrics):
+            out.append(line)
+            if len(out) >= lines_per_chunk:
+                yield "".join(out)
+                out.clear()
+        if out:
+            yield "".join(out)
+
+    def _lines(self, totals: Totals, openmetrics: bool) -> Iterator[str]:
         out: list[str] = []
         series_names = ("department", "project", "provider", "model")
         # Per label set without outcome: input, cache_read, cache_write, output, reasoning,
@@ -77,6 +92,9 @@ class UsageRenderer:
             if t.unpriced:
                 unpriced[(key.provider, key.model)] += t.unpriced
         self._family(out, "requests", openmetrics, "llm_requests_total", requests)
+        del requests
+        yield from out
+        out.clear()
         tokens, reasoning, costs, estimated = [], [], [], []
         for labels, acc in by_set.items():
             text = self._label_text(series_names, labels)
@@ -93,7 +111,7 @@ class UsageRenderer:
             for pm, n in unpriced.items()])
         self._family(out, "estimated", openmetrics, "llm_estimated_requests_total", estimated)
         self._histogram(out, totals, openmetrics)
-        return "".join(out)
+        yield from out
 
     def _family(self, out: list[str], family: str, openmetrics: bool, sample: str,
                 lines: Iterable[str]) -> None:

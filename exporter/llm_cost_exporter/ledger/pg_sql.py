@@ -36,10 +36,14 @@ INSERT_EVENTS = (
     "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
 )
 
+# The totals, latency and spend of a commit: one statement each (arrays again), queued in
+# the same pipeline as the COMMIT. Rows are sorted by key by the caller.
 UPSERT_TOTALS = """
 INSERT INTO totals AS t (instance, department, project, provider, model, outcome, requests,
     input, cache_read, cache_write, output, reasoning, unpriced, cost_usd, estimated)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+SELECT %s, * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+    %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],
+    %s::bigint[], %s::numeric[], %s::bigint[])
 ON CONFLICT (instance, department, project, provider, model, outcome) DO UPDATE SET
     requests = t.requests + excluded.requests, input = t.input + excluded.input,
     cache_read = t.cache_read + excluded.cache_read,
@@ -48,9 +52,11 @@ ON CONFLICT (instance, department, project, provider, model, outcome) DO UPDATE 
     cost_usd = t.cost_usd + excluded.cost_usd, estimated = t.estimated + excluded.estimated
 """
 
+# Bucket counts travel as array literals ('{0,1,...}'): unnest would flatten a 2-D array.
 UPSERT_LATENCY = """
 INSERT INTO latency_totals AS t (instance, provider, model, counts, total, count)
-VALUES (%s, %s, %s, %s::bigint[], %s, %s)
+SELECT %s, p, m, c::bigint[], s, n
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::bigint[]) AS u(p, m, c, s, n)
 ON CONFLICT (instance, provider, model) DO UPDATE SET
     counts = ARRAY(SELECT a + b FROM unnest(t.counts, excluded.counts) WITH ORDINALITY
                    AS x(a, b, i) ORDER BY i),
@@ -58,7 +64,8 @@ ON CONFLICT (instance, provider, model) DO UPDATE SET
 """
 
 ADD_SPEND = """
-INSERT INTO spend_slots AS s (department, project, slot, cost_pico) VALUES (%s, %s, %s, %s)
+INSERT INTO spend_slots AS s (department, project, slot, cost_pico)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[])
 ON CONFLICT (department, project, slot) DO UPDATE SET cost_pico = s.cost_pico + excluded.cost_pico
 """
 

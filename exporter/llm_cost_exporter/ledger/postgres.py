@@ -188,8 +188,9 @@ class PostgresLedger:
     def _record(self, batches: Sequence[Sequence[PricedEvent]]) -> list[BatchResult | Exception]:
         with self._pool.connection() as conn:
             try:
-                # Fast path: every batch of this commit in one INSERT.
-                with conn.transaction():
+                # Fast path: every batch of this commit in one INSERT, pipelined: BEGIN and
+                # the INSERT go in one round trip, the totals, spend and COMMIT in another.
+                with conn.pipeline(), conn.transaction():
                     results, delta = self._insert(conn, batches, savepoints=False)
                     self._apply(conn, delta)
             except _BATCH_ERRORS:
@@ -246,25 +247,25 @@ class PostgresLedger:
         # Same order in every replica (by request_id): two commits that share request ids
         # take their row locks in the same order and cannot deadlock.
         rows = sorted((event_row(p) for p in events), key=lambda r: (r[0] is None, r[0] or ""))
-        columns = [list(col) for col in zip(*rows, strict=True)]
-        cur = conn.execute(INSERT_EVENTS, [self.instance, *columns])
+        cur = conn.execute(INSERT_EVENTS, [self.instance, *_columns(rows)])
         return {rid for (rid,) in cur.fetchall() if rid is not None}
 
     def _apply(self, conn: psycopg.Connection[Any], delta: _Delta) -> None:
         series, latency, spend = delta
-        cur = conn.cursor()
         if series:
-            cur.executemany(UPSERT_TOTALS, [
-                (self.instance, *key, t.requests, t.input, t.cache_read, t.cache_write,
-                 t.output, t.reasoning, t.unpriced, t.cost, t.estimated)
-                for key, t in sorted(series.items())])
+            rows = [(*key, t.requests, t.input, t.cache_read, t.cache_write, t.output,
+                     t.reasoning, t.unpriced, t.cost, t.estimated)
+                    for key, t in sorted(series.items())]
+            conn.execute(UPSERT_TOTALS, [self.instance, *_columns(rows)])
         if latency:
-            cur.executemany(UPSERT_LATENCY, [
-                (self.instance, provider, model, lat.counts, lat.total, lat.count)
-                for (provider, model), lat in sorted(latency.items())])
+            lat_rows = [(provider, model, "{" + ",".join(map(str, lat.counts)) + "}",
+                         lat.total, lat.count)
+                        for (provider, model), lat in sorted(latency.items())]
+            conn.execute(UPSERT_LATENCY, [self.instance, *_columns(lat_rows)])
         if spend:
             # Shared rows: sorted, so concurrent replicas lock them in the same order.
-            cur.executemany(ADD_SPEND, [(*key, pico) for key, pico in sorted(spend.items())])
+            conn.execute(ADD_SPEND, _columns([(*key, pico)
+                                              for key, pico in sorted(spend.items())]))
 
     # -- reads ----------------------------------------------------------------------------
     def totals(self) -> Totals:
@@ -326,6 +327,11 @@ class PostgresLedger:
             self._pool.close()
         with contextlib.suppress(Exception):
             self._claim.close()
+
+
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows -> one list per column: the array parameters of an unnest() statement."""
+    return [list(col) for col in zip(*rows, strict=True)]
 
 
 def _pick(batch: Sequence[PricedEvent], plan: list[bool]) -> list[PricedEvent]:
