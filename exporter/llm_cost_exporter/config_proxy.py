@@ -11,7 +11,7 @@ from typing import Any
 from llm_cost_exporter.credentials import read_secret, read_tokens
 from llm_cost_exporter.validation import Problems
 
-WIRE_FORMATS = ("openai", "anthropic")
+WIRE_FORMATS = ("openai", "anthropic", "gemini")
 _UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 # Paths the exporter serves itself: an upstream may not shadow them.
 _RESERVED = {"v1", "metrics", "healthz", "readyz", "docs", "openapi.json", "-"}
@@ -23,7 +23,7 @@ class Upstream:
 
     name: str
     base_url: str
-    wire_format: str  # openai (and every OpenAI-compatible server) | anthropic
+    wire_format: str  # openai (and every OpenAI-compatible server) | anthropic | gemini
     provider: str  # provider name used for pricing and labels
     api_key: str | None = field(default=None, repr=False)  # replaces the client's key
     timeout_seconds: float = 600.0

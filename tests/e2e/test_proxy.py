@@ -238,6 +238,35 @@ def test_anthropic_async_stream(start: Callable[..., InProcessExporter]) -> None
     assert cost(exporter, "claude-sonnet-4-5-20250929", "anthropic") == SONNET
 
 
+# -- Gemini (no official SDK in the test deps: plain HTTP, as the REST docs show) -----------
+GEMINI = "/gemini/v1beta/models/gemini-2.5-pro"
+# Gemini 2.5 Pro (1.25 / 0.125 cached / 10): prompt 10000 (8000 cached), 400 + 1200 thoughts
+# -> 2000×1.25 + 8000×0.125 + 1600×10 = 0.0025 + 0.001 + 0.016 = 0.0195
+GEMINI_PRO = 0.0195
+
+
+def test_gemini_json_and_sse_stream_with_upstream_key(
+        start: Callable[..., InProcessExporter], fake: FakeProvider) -> None:
+    exporter = start(upstreams=[{"name": "gemini", "base_url": fake.url, "format": "gemini",
+                                 "api_key_env": "GEMINI_KEY"}], env={"GEMINI_KEY": "g-upstream"})
+    body = {"contents": [{"role": "user", "parts": [{"text": "How much did we spend?"}]}]}
+    r = httpx.post(f"{exporter.url}{GEMINI}:generateContent?key=g-client", json=body,
+                   headers=TEAM)
+    assert r.json()["usageMetadata"]["thoughtsTokenCount"] == 1200
+    # The client's key (query parameter) is replaced by the upstream's own (header).
+    assert (fake.received[-1].query, fake.received[-1].headers["x-goog-api-key"]) == (
+        "", "g-upstream")
+    with httpx.stream("POST", f"{exporter.url}{GEMINI}:streamGenerateContent?alt=sse",
+                      json=body, headers=TEAM) as stream:
+        raw = b"".join(stream.iter_raw())
+    assert raw == b"".join(fake.sent)  # byte for byte, CRLF separators included
+    assert fake.received[-1].query == "alt=sse"
+    assert cost(exporter, "gemini-2.5-pro", "gemini") == pytest.approx(2 * GEMINI_PRO,
+                                                                        rel=1e-12)
+    assert metric_value(exporter.metrics(), "llm_reasoning_tokens_total", **SERIES,
+                        provider="gemini") == 2400
+
+
 # -- faults ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(("mode", "error", "status_class"), [
     ("error500", openai.InternalServerError, "5xx"),

@@ -49,7 +49,8 @@ from llm_cost_exporter.usage import UsageError, parse_response
 log = logging.getLogger(__name__)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_GENERATION = ("/chat/completions", "/completions", "/responses", "/messages", "/embeddings")
+_GENERATION = ("/chat/completions", "/completions", "/responses", "/messages", "/embeddings",
+               ":generateContent", ":streamGenerateContent", ":embedContent")
 
 
 class _ClientGone(Exception):
@@ -142,6 +143,8 @@ class Proxy:
             return
         request = _json_object(body)
         model = request.get("model") if request else None
+        if fmt == "gemini":
+            model = wire.model_from_path(rest)
         call = _Call(upstream, attribution, rest, started, request,
                      model if isinstance(model, str) and model else "unknown")
         labels = self._recorder.guard.scope_of(attribution)
@@ -159,8 +162,11 @@ class Proxy:
         if strip and request is not None:
             body = wire.inject_usage_option(request)
         url = upstream.base_url + rest
-        if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode("latin-1")
+        query = scope.get("query_string", b"").decode("latin-1")
+        if query and upstream.api_key and fmt == "gemini":
+            query = wire.without_key_param(query)
+        if query:
+            url += "?" + query
         task = asyncio.current_task()
         gone = asyncio.Event()
         watcher = asyncio.create_task(watch_disconnect(receive, gone, task))

@@ -17,8 +17,17 @@ _ANTHROPIC_TYPES = {400: "invalid_request_error", 407: "authentication_error",
                     504: "api_error"}
 
 
+# Google API error statuses (google.rpc.Code names) for the statuses we originate.
+_GEMINI_STATUS = {400: "INVALID_ARGUMENT", 407: "UNAUTHENTICATED", 413: "INVALID_ARGUMENT",
+                  429: "RESOURCE_EXHAUSTED", 502: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+_GEMINI_MODEL = re.compile(r"/models/([^/:]+)")
+
+
 def error_body(wire_format: str, status: int, code: str, message: str) -> bytes:
     """An error in the shape the provider's own API (and so its SDK) uses."""
+    if wire_format == "gemini":
+        return json.dumps({"error": {"code": status, "message": message,
+                                     "status": _GEMINI_STATUS.get(status, "UNKNOWN")}}).encode()
     if wire_format == "anthropic":
         body: dict[str, Any] = {"type": "error", "error": {
             "type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
@@ -31,11 +40,24 @@ def error_body(wire_format: str, status: int, code: str, message: str) -> bytes:
 def key_header(wire_format: str, api_key: str) -> tuple[bytes, bytes]:
     if wire_format == "anthropic":
         return b"x-api-key", api_key.encode()
+    if wire_format == "gemini":
+        return b"x-goog-api-key", api_key.encode()
     return b"authorization", b"Bearer " + api_key.encode()
 
 
 # Headers that carry the client's key: replaced when the upstream has its own key.
-KEY_HEADERS = {b"authorization", b"x-api-key", b"api-key"}
+KEY_HEADERS = {b"authorization", b"x-api-key", b"api-key", b"x-goog-api-key"}
+
+
+def model_from_path(path: str) -> str | None:
+    """Gemini names the model in the path: /v1beta/models/gemini-2.5-flash:generateContent."""
+    match = _GEMINI_MODEL.search(path)
+    return match.group(1) if match else None
+
+
+def without_key_param(query: str) -> str:
+    """Drop a client's `key=` query parameter (Gemini) when the upstream has its own key."""
+    return "&".join(p for p in query.split("&") if p and not p.startswith("key="))
 
 
 def wants_usage_injection(wire_format: str, path: str, request: dict[str, Any]) -> bool:
@@ -88,7 +110,8 @@ def estimate_tokens(text_chars: int) -> int:
 def request_text_chars(request: dict[str, Any] | None) -> int:
     if not request:
         return 0
-    parts = [request.get(k) for k in ("messages", "input", "system", "prompt", "instructions")]
+    parts = [request.get(k) for k in ("messages", "input", "system", "prompt", "instructions",
+                                      "contents", "systemInstruction")]
     return sum(len(s) for s in _strings(parts))
 
 
@@ -102,6 +125,9 @@ def delta_text_chars(event: dict[str, Any]) -> int:
         delta = event.get("delta")
         return len(delta) if isinstance(delta, str) else 0
     total = 0
+    for candidate in event.get("candidates") or ():  # Gemini
+        for part in (candidate.get("content") or {}).get("parts") or ():
+            total += len(part.get("text") or "")
     for choice in event.get("choices") or ():  # OpenAI chat
         delta = choice.get("delta") or {}
         total += len(delta.get("content") or "") + len(delta.get("reasoning_content") or "")
