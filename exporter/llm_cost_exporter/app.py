@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import exposition as prom_exposition
 from prometheus_client.openmetrics import exposition as om_exposition
+from starlette.requests import ClientDisconnect
 
 from llm_cost_exporter import __version__
 from llm_cost_exporter.auth import bearer_ok, metrics_auth_ok
@@ -22,7 +23,7 @@ from llm_cost_exporter.clock import Clock
 from llm_cost_exporter.config import Config
 from llm_cost_exporter.events import Attribution
 from llm_cost_exporter.ingest import IngestError, parse_events
-from llm_cost_exporter.ledger import Ledger, LedgerUnavailable
+from llm_cost_exporter.ledger import Ledger, LedgerRejected, LedgerUnavailable
 from llm_cost_exporter.price_db import GenAIPricesDB
 from llm_cost_exporter.proxy.asgi import Receive, Scope, Send
 from llm_cost_exporter.state import ExporterState
@@ -81,6 +82,9 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
                           headers={"WWW-Authenticate": "Bearer"})
         try:
             raw = await _read_body(request, state.config.ingest.max_body_bytes)
+        except ClientDisconnect:
+            # The client gave up mid-body: nothing to record and nobody to answer.
+            return Response(status_code=499)
         except BodyTooLarge:
             state.stats.reject("too_large")
             return _error(413, "too_large",
@@ -104,6 +108,13 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
             })
         try:
             result = await state.recorder.record(events)
+        except LedgerRejected as exc:
+            state.stats.reject("invalid")
+            return JSONResponse(status_code=422, content={
+                "error": "invalid_usage",
+                "message": "nothing from this request was recorded; fix these fields",
+                "errors": [{"field": "events", "message": f"a value is out of range ({exc})"}],
+            })
         except LedgerUnavailable as exc:
             state.stats.reject("unavailable")
             state.stats.ledger_error()

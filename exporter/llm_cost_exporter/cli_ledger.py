@@ -26,7 +26,11 @@ def migrate(path: Path) -> int:
     from llm_cost_exporter.ledger.factory import migrate_ledger
 
     cfg = load_config(path)
-    before, after = migrate_ledger(cfg.ledger)
+    try:
+        before, after = migrate_ledger(cfg.ledger)
+    except RuntimeError as exc:  # a schema newer than this exporter
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     where = cfg.ledger.describe()
     if before == after:
         print(f"{where}: schema version {after}, up to date")

@@ -10,13 +10,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from llm_cost_exporter.events import OUTCOMES, Attribution, TokenCounts, UsageEvent
+from llm_cost_exporter.labels import label_problem
 from llm_cost_exporter.usage import MAX_TOKENS, UsageError, parse_response, parse_usage
 
 _EVENT_KEYS = {"request_id", "department", "project", "user", "provider", "model",
                "timestamp", "latency_seconds", "status", "usage", "response", "tokens"}
 _TOKEN_KEYS = ("input", "cache_read", "cache_write", "cache_write_1h", "output", "reasoning")
 _PROVIDER = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_REQUEST_ID = 256
 MAX_LATENCY_SECONDS = 86_400.0
 
@@ -77,19 +78,10 @@ def _label(obj: Mapping[str, Any], key: str, path: str, default: str | None,
     value = obj.get(key)
     if value is None:
         return default
-    if type(value) is str and 0 < len(value) <= limits.max_value_length and \
-            not _CONTROL.search(value):
-        stripped = value.strip()
-        if stripped:
-            return stripped
-    # Slow path: only a bad value pays for naming its field.
-    field = _join(path, key)
-    if not isinstance(value, str) or not value.strip():
-        errors.add(field, "must be a non-empty string")
-    elif len(value) > limits.max_value_length:
-        errors.add(field, f"longer than {limits.max_value_length} characters")
-    else:
-        errors.add(field, "must not contain control characters")
+    problem = label_problem(value, limits.max_value_length)
+    if problem is None:
+        return value.strip()
+    errors.add(_join(path, key), problem)
     return None
 
 
@@ -116,18 +108,28 @@ def _parse_event(item: Any, path: str, defaults: Attribution, now: datetime,
     model = _label(item, "model", path, None, limits, errors)
     request_id = item.get("request_id")
     if request_id is not None and (not isinstance(request_id, str) or not request_id
-                                   or len(request_id) > MAX_REQUEST_ID):
-        errors.add(_join(path, "request_id"), f"must be a string of 1-{MAX_REQUEST_ID} chars")
+                                   or len(request_id) > MAX_REQUEST_ID
+                                   or _SURROGATE.search(request_id)):
+        errors.add(_join(path, "request_id"), f"must be a string of 1-{MAX_REQUEST_ID} "
+                                              "valid Unicode characters")
     timestamp = _timestamp(item.get("timestamp"), path, now, limits, errors)
     latency = _latency(item.get("latency_seconds"), path, errors)
     outcome = _outcome(item.get("status"), path, errors)
     tokens, reported_model = _tokens(item, path, provider, errors)
-    model = model or reported_model
-    if model is None and "model" not in item:
+    if model is None and reported_model is not None:
+        # A model named inside a response body is held to the same rules as a sent one.
+        problem = label_problem(reported_model, limits.max_value_length)
+        if problem is None:
+            model = reported_model.strip()
+        else:
+            errors.add(_join(path, "response.model"), problem)
+    elif model is None and item.get("model") is None:
         errors.add(_join(path, "model"), "is required (or send a response body that names it)")
     if len(errors.errors) > before:
         return None
-    assert department and project and provider and model and tokens and timestamp
+    if not (department and project and provider and model and tokens and timestamp):
+        errors.add(path or "body", "incomplete event")  # unreachable if the checks above hold
+        return None
     return UsageEvent(
         attribution=Attribution(department=department, project=project, user=user),
         provider=provider, model=model, tokens=tokens, timestamp=timestamp,
@@ -203,7 +205,11 @@ def _timestamp(value: Any, path: str, now: datetime, limits: IngestLimits,
     if ts is None:
         errors.add(field, "must be an RFC 3339 string or epoch seconds")
         return None
-    ts = ts.astimezone(UTC)
+    try:
+        ts = ts.astimezone(UTC)
+    except OverflowError:
+        errors.add(field, "is out of range")
+        return None
     if ts > now + timedelta(seconds=limits.max_future_seconds):
         errors.add(field, f"is more than {limits.max_future_seconds} s in the future")
         return None

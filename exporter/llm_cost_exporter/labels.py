@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import Counter
 from collections.abc import Iterable
@@ -9,6 +10,26 @@ from collections.abc import Iterable
 from llm_cost_exporter.events import Attribution, SeriesLabels, UsageEvent
 
 OVERFLOW = "other"
+# Control characters and lone UTF-16 surrogates (which cannot be encoded as UTF-8, so cannot
+# be stored nor exported) are never part of a label value.
+_INVALID = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+
+
+def label_problem(value: object, max_length: int) -> str | None:
+    """Why `value` cannot be a label value, or None if it can."""
+    if not isinstance(value, str) or not value.strip():
+        return "must be a non-empty string"
+    if len(value) > max_length:
+        return f"longer than {max_length} characters"
+    if _INVALID.search(value):
+        return "must not contain control characters or invalid Unicode"
+    return None
+
+
+def sanitize(value: str, max_length: int) -> str:
+    """A usable label from a value we cannot refuse (a model the provider already served)."""
+    cleaned = _INVALID.sub("\ufffd", value).strip()[:max_length]
+    return cleaned or "unknown"
 GUARDED = ("department", "project", "provider", "model")
 
 

@@ -97,7 +97,8 @@ class Pricer:
             price = None  # e.g. output tokens on a model priced for input only
         if price is None:
             key = (event.provider, event.model)
-            if key not in self._warned:
+            # Bounded: distinct names from a misbehaving client must not grow memory or log.
+            if key not in self._warned and len(self._warned) < 1000:
                 self._warned.add(key)
                 # Logged once per model: a loud line per request would drown the log.
                 log.warning("no price for model; counted as unpriced with cost 0",

@@ -59,13 +59,18 @@ class StreamUsage:
     _gemini: Mapping[str, Any] | None = None
     _anthropic_final: bool = False
 
+    def _model(self, value: Any) -> None:
+        # Only a string names a model; anything else in that field is ignored, not trusted.
+        if isinstance(value, str) and value:
+            self.model = value
+
     def feed(self, data: Any) -> None:
         if not isinstance(data, Mapping):
             return
         kind = data.get("type")
         if kind == "message_start" and isinstance(data.get("message"), Mapping):
             message = data["message"]
-            self.model = message.get("model") or self.model
+            self._model(message.get("model"))
             self._anthropic.update(message.get("usage") or {})
         elif kind == "message_delta":
             # Cumulative counts: the latest value replaces the earlier one.
@@ -74,13 +79,13 @@ class StreamUsage:
             self._anthropic_final = True
         elif kind == "response.completed" and isinstance(data.get("response"), Mapping):
             response = data["response"]
-            self.model = response.get("model") or self.model
+            self._model(response.get("model"))
             self._final = response.get("usage")
         elif "usageMetadata" in data:
-            self.model = data.get("modelVersion") or self.model
+            self._model(data.get("modelVersion"))
             self._gemini = data["usageMetadata"]
         else:
-            self.model = data.get("model") or self.model
+            self._model(data.get("model"))
             if data.get("usage"):
                 self._final = data["usage"]
 
@@ -120,4 +125,6 @@ def parse_transcript(
             acc.feed(json.loads(event.data))
         except json.JSONDecodeError as exc:
             raise UsageError(path, f"SSE data is not JSON: {exc.msg}") from None
+        except RecursionError:
+            raise UsageError(path, "SSE data is nested too deeply") from None
     return acc.model, acc.tokens(path)

@@ -15,9 +15,10 @@ from typing import Any
 
 from llm_cost_exporter.events import TokenCounts
 
-# A trillion tokens in one call is far beyond any context window: anything above is an error
-# in the sender, and refusing it keeps totals far from 64-bit overflow.
-MAX_TOKENS = 10**12
+# A billion tokens in one call is a hundred times the largest context window: anything above
+# is an error in the sender. The bound also keeps one call's cost, in pico-dollars, far
+# inside a 64-bit integer (1e9 tokens x $600 per 1M = $600,000 = 6e17 pico-USD per bucket).
+MAX_TOKENS = 10**9
 
 
 class UsageError(ValueError):
@@ -57,7 +58,8 @@ def _not_above(part: int, whole: int, part_path: str, whole_name: str) -> None:
         raise UsageError(part_path, f"({part}) exceeds {whole_name} ({whole})")
 
 
-def detect_format(usage: Mapping[str, Any], provider: str | None = None) -> str:
+def detect_format(usage: Mapping[str, Any], provider: str | None = None,
+                  path: str = "usage") -> str:
     """Name the usage dialect from its keys; the provider only breaks the one real tie."""
     if any(k in usage for k in ("promptTokenCount", "candidatesTokenCount", "totalTokenCount")):
         return "gemini"
@@ -72,7 +74,7 @@ def detect_format(usage: Mapping[str, Any], provider: str | None = None) -> str:
             return "anthropic"
         return "openai_responses"
     raise UsageError(
-        "usage",
+        path,
         "unrecognised usage object: expected OpenAI (prompt_tokens/input_tokens), "
         "Anthropic (input_tokens, cache_*_input_tokens) or Gemini (promptTokenCount) fields",
     )
@@ -83,7 +85,7 @@ def parse_usage(
 ) -> TokenCounts:
     if not isinstance(usage, Mapping):
         raise UsageError(path, "must be an object")
-    fmt = detect_format(usage, provider)
+    fmt = detect_format(usage, provider, path)
     return _PARSERS[fmt](usage, path)
 
 

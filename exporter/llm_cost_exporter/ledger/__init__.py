@@ -4,11 +4,12 @@ from llm_cost_exporter.ledger.base import (
     LATENCY_BUCKETS,
     BatchResult,
     Ledger,
+    LedgerRejected,
     LedgerUnavailable,
     SeriesKey,
     SeriesTotals,
     Totals,
 )
 
-__all__ = ["LATENCY_BUCKETS", "BatchResult", "Ledger", "LedgerUnavailable", "SeriesKey",
-           "SeriesTotals", "Totals"]
+__all__ = ["LATENCY_BUCKETS", "BatchResult", "Ledger", "LedgerRejected", "LedgerUnavailable",
+           "SeriesKey", "SeriesTotals", "Totals"]

@@ -21,6 +21,11 @@ class LedgerUnavailable(RuntimeError):
     """The ledger cannot take writes (read-only file, disk full, database gone)."""
 
 
+class LedgerRejected(ValueError):
+    """A batch the ledger cannot store as it is (a value out of range): nothing of it was
+    written, and retrying it unchanged will not help."""
+
+
 class SeriesKey(NamedTuple):
     department: str
     project: str

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llm_cost_exporter.config_ledger import LedgerConfig
-from llm_cost_exporter.ledger.base import Ledger
+from llm_cost_exporter.ledger.base import Ledger, LedgerUnavailable
 
 
 def open_ledger(config: LedgerConfig, claim_timeout: float | None = None) -> Ledger:
@@ -33,8 +33,12 @@ def migrate_ledger(config: LedgerConfig) -> tuple[int, int]:
         from llm_cost_exporter.ledger.postgres import connect_kwargs
 
         assert config.dsn is not None
-        with psycopg.connect(config.dsn, **connect_kwargs(config.dsn, config.instance)) as conn:
-            return pg_migrations.migrate(conn)
+        try:
+            with psycopg.connect(config.dsn,
+                                 **connect_kwargs(config.dsn, config.instance)) as conn:
+                return pg_migrations.migrate(conn)
+        except psycopg.Error as exc:
+            raise LedgerUnavailable(f"cannot migrate the ledger database: {exc}") from exc
     import sqlite3
 
     from llm_cost_exporter.ledger import migrations

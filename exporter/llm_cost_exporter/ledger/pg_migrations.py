@@ -15,7 +15,7 @@ MIGRATIONS: tuple[str, ...] = (
     #    Running totals are per replica (each one exports its own counters, so summing over
     #    replicas counts an event once); spend slots are shared by all replicas (every
     #    replica exports and enforces the same budget spend). Money is exact: NUMERIC for
-    #    costs, integer pico-USD for spend slots as in SQLite.
+    #    costs, whole pico-USD for spend slots as in SQLite.
     """
     CREATE TABLE events (
         id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -50,10 +50,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (instance, provider, model)
     );
     -- Spend per scope per 15-minute slot (every IANA offset is a multiple of 15 minutes,
-    -- so any local day or month is a whole number of slots).
+    -- so any local day or month is a whole number of slots), in whole pico-USD as in
+    -- SQLite, but NUMERIC: a BIGINT would overflow above $9.2M in one slot.
     CREATE TABLE spend_slots (
         department TEXT NOT NULL, project TEXT NOT NULL, slot BIGINT NOT NULL,
-        cost_pico BIGINT NOT NULL,
+        cost_pico NUMERIC NOT NULL,
         PRIMARY KEY (department, project, slot)
     );
     -- Readiness checks write here: proves this replica can write now (a read-only standby

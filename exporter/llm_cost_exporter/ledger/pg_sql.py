@@ -65,7 +65,7 @@ ON CONFLICT (instance, provider, model) DO UPDATE SET
 
 ADD_SPEND = """
 INSERT INTO spend_slots AS s (department, project, slot, cost_pico)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[])
+SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::numeric[])
 ON CONFLICT (department, project, slot) DO UPDATE SET cost_pico = s.cost_pico + excluded.cost_pico
 """
 

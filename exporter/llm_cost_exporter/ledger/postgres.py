@@ -61,8 +61,10 @@ POOL_TIMEOUT = 3.0
 # How long the pool keeps retrying one connection attempt in the background; the next
 # request starts a new attempt, so recovery never waits on a long exponential backoff.
 RECONNECT_TIMEOUT = 5.0
-# A batch that fails on its data (not on the connection) fails alone, as in SQLite.
-_BATCH_ERRORS = (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError)
+# A batch that fails on its data (not on the connection) fails alone, as in SQLite; a
+# string that cannot be encoded (a lone surrogate) fails in the client, before sending.
+_BATCH_ERRORS = (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError,
+                 UnicodeError)
 # Lost a lock-ordering race with another replica: nothing was committed, try again.
 _RETRY_ERRORS = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
@@ -269,11 +271,10 @@ class PostgresLedger:
 
     # -- reads ----------------------------------------------------------------------------
     def totals(self) -> Totals:
+        """A consistent snapshot: the dicts are copied, their values shared (a commit
+        replaces values, never changes them; see _merge)."""
         with self._totals_lock:
-            return Totals(
-                series={k: v.copy() for k, v in self._totals.series.items()},
-                latency={k: v.copy() for k, v in self._totals.latency.items()},
-            )
+            return Totals(series=dict(self._totals.series), latency=dict(self._totals.latency))
 
     def spend(self, department: str, project: str | None, start: datetime,
               end: datetime) -> Decimal:
@@ -289,7 +290,7 @@ class PostgresLedger:
                 row = conn.execute(sql, args).fetchone()
         except (PoolTimeout, psycopg.Error) as exc:
             raise LedgerUnavailable(f"ledger not readable: {exc}") from exc
-        # SUM of BIGINT is NUMERIC in PostgreSQL: exact, no 64-bit overflow.
+        # NUMERIC all the way: exact, no 64-bit overflow.
         return Decimal(row[0] or 0) / PICO if row else Decimal(0)
 
     def check(self) -> None:
@@ -382,8 +383,13 @@ def _add_event(priced: PricedEvent, series: dict[SeriesKey, SeriesTotals],
 
 
 def _merge(totals: Totals, delta: _Delta) -> None:
+    """Publish a commit: new value objects, so snapshots handed out stay unchanged."""
     series, latency, _ = delta
     for key, value in series.items():
-        totals.series.setdefault(key, SeriesTotals()).add(value)
+        new = (totals.series.get(key) or SeriesTotals()).copy()
+        new.add(value)
+        totals.series[key] = new
     for lkey, lvalue in latency.items():
-        totals.latency.setdefault(lkey, LatencyTotals()).add(lvalue)
+        lat = (totals.latency.get(lkey) or LatencyTotals()).copy()
+        lat.add(lvalue)
+        totals.latency[lkey] = lat

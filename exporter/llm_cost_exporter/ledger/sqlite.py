@@ -16,6 +16,7 @@ from llm_cost_exporter.events import PricedEvent
 from llm_cost_exporter.ledger.base import (
     BatchResult,
     LatencyTotals,
+    LedgerRejected,
     LedgerUnavailable,
     SeriesKey,
     SeriesTotals,
@@ -25,6 +26,9 @@ from llm_cost_exporter.ledger.migrations import migrate
 
 SLOT_SECONDS = 900
 PICO = Decimal("1e12")
+# Largest pico-USD value bound in one statement: half of 2^63, so the sum SQLite computes
+# with the value already stored stays an integer far longer.
+_SLOT_ROW_MAX = 2**62
 
 _INSERT_EVENT = """
 INSERT INTO events (request_id, ts, department, project, provider, model,
@@ -158,12 +162,22 @@ class SQLiteLedger:
                     conn.execute("SAVEPOINT batch")
                 try:
                     result, b_series, b_latency = self._write_batch(conn, batch, now)
-                except sqlite3.Error as exc:
+                except (sqlite3.Error, ValueError, OverflowError) as exc:
+                    # A database error makes the ledger unavailable; a value it cannot store
+                    # (out of range) rejects this batch only. Either way, nothing of it stays.
+                    failure: Exception = (
+                        LedgerUnavailable(f"batch not written: {exc}")
+                        if isinstance(exc, sqlite3.Error) and not isinstance(
+                            exc, sqlite3.InterfaceError | sqlite3.DataError)
+                        else LedgerRejected(f"batch not stored: {type(exc).__name__}"))
                     if not savepoints:
-                        raise
+                        if isinstance(failure, LedgerUnavailable):
+                            raise
+                        _rollback(conn)
+                        return [failure]
                     conn.execute("ROLLBACK TO batch")
                     conn.execute("RELEASE batch")
-                    results.append(LedgerUnavailable(f"batch not written: {exc}"))
+                    results.append(failure)
                     continue
                 if savepoints:
                     conn.execute("RELEASE batch")
@@ -196,6 +210,7 @@ class SQLiteLedger:
         costs: dict[SeriesKey, Decimal] = {}
         latency: dict[tuple[str, str], LatencyTotals] = {}
         spend: dict[tuple[str, str, int], int] = {}
+        spend_rows: list[tuple[str, str, int, int]] = []
         for position, priced in enumerate(batch):
             ev, lab, tok = priced.event, priced.labels, priced.event.tokens
             rid = ev.request_id
@@ -230,8 +245,14 @@ class SQLiteLedger:
             if cost:
                 costs[key] += cost
                 slot = (lab.department, lab.project, int(ts // SLOT_SECONDS) * SLOT_SECONDS)
-                spend[slot] = spend.get(slot, 0) + int(
-                    (cost * PICO).to_integral_value(ROUND_HALF_EVEN))
+                pico = int((cost * PICO).to_integral_value(ROUND_HALF_EVEN))
+                if pico >= _SLOT_ROW_MAX:
+                    raise ValueError("cost out of range")
+                summed = spend.get(slot, 0) + pico
+                if summed >= _SLOT_ROW_MAX:  # keep every bound value inside 64 bits
+                    spend_rows.append((*slot, spend.pop(slot)))
+                    summed = pico
+                spend[slot] = summed
             if ev.latency_seconds is not None:
                 hist = latency.get((lab.provider, lab.model))
                 if hist is None:
@@ -240,7 +261,8 @@ class SQLiteLedger:
         # Plain INSERT: with one writer holding the transaction, the ids above are exactly
         # the new ones; a conflict here would be a bug, and fails the batch loudly.
         conn.executemany(_INSERT_EVENT, rows)
-        conn.executemany(_ADD_SPEND, [(*slot, pico) for slot, pico in spend.items()])
+        spend_rows.extend((*slot, pico) for slot, pico in spend.items())
+        conn.executemany(_ADD_SPEND, spend_rows)
         series = {key: SeriesTotals(*acc[:7], cost=costs[key], estimated=acc[7])
                   for key, acc in sums.items()}
         result = BatchResult(len(written), len(batch) - len(written), tuple(written))
@@ -306,8 +328,10 @@ class SQLiteLedger:
                 rows = self._reader.execute(sql, args).fetchall()
             except sqlite3.Error as exc:
                 raise LedgerUnavailable(f"ledger not readable: {exc}") from exc
-        # Summed in Python: arbitrary precision, no 64-bit overflow.
-        return Decimal(sum(r[0] for r in rows)) / PICO
+        # Summed in Python: arbitrary precision, no 64-bit overflow. (Had SQLite's own sum in
+        # a row overflowed, it stored a float; str() keeps that row usable.)
+        return sum((Decimal(r[0]) if isinstance(r[0], int) else Decimal(str(r[0]))
+                    for r in rows), Decimal(0)) / PICO
 
     def check(self) -> None:
         """A real (tiny) committed write: proves the file and the disk take writes now."""

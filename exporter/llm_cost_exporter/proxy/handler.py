@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 import zlib
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ from llm_cost_exporter.clock import Clock
 from llm_cost_exporter.config import Config
 from llm_cost_exporter.config_proxy import Upstream
 from llm_cost_exporter.events import Attribution, TokenCounts, UsageEvent
-from llm_cost_exporter.ledger import LedgerUnavailable
+from llm_cost_exporter.labels import label_problem, sanitize
+from llm_cost_exporter.ledger import LedgerRejected, LedgerUnavailable
 from llm_cost_exporter.proxy import wire
 from llm_cost_exporter.proxy.asgi import (
     ASGIApp,
@@ -48,7 +48,6 @@ from llm_cost_exporter.usage import UsageError, parse_response
 
 log = logging.getLogger(__name__)
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _GENERATION = ("/chat/completions", "/completions", "/responses", "/messages", "/embeddings",
                ":generateContent", ":streamGenerateContent", ":embedContent")
 
@@ -284,8 +283,11 @@ class Proxy:
                       estimated: bool) -> None:
         call.recorded = True
         seconds = time.perf_counter() - call.started
+        # The model comes from the app's request or the provider's answer: it cannot be
+        # refused any more, so it is made a safe label instead.
+        model = sanitize(call.model, self._config.labels.max_value_length)
         event = UsageEvent(attribution=call.attribution, provider=call.upstream.provider,
-                           model=call.model, tokens=tokens, timestamp=self._clock.now(),
+                           model=model, tokens=tokens, timestamp=self._clock.now(),
                            outcome=outcome, latency_seconds=seconds, source="proxy",
                            estimated=estimated)
         priced = self._recorder.prepare([event])
@@ -295,7 +297,7 @@ class Proxy:
         try:
             # Shielded: if the client disconnects now, the commit still completes.
             await asyncio.shield(self._recorder.commit(priced))
-        except LedgerUnavailable as exc:
+        except (LedgerUnavailable, LedgerRejected) as exc:
             # The app's call must not fail because our ledger did: count it loudly instead.
             self._stats.ledger_error()
             log.error("proxy usage not recorded: ledger unavailable",
@@ -307,12 +309,10 @@ class Proxy:
         values = {"department": cfg.default_department, "project": cfg.default_project,
                   "user": None}
         for key, value in found.items():
-            value = value.strip()
-            if not value or len(value) > cfg.labels.max_value_length or _CONTROL.search(value):
-                return Attribution("", ""), (
-                    f"header X-LLM-{key.title()}: must be 1-{cfg.labels.max_value_length} "
-                    "printable characters")
-            values[key] = value
+            problem = label_problem(value, cfg.labels.max_value_length)
+            if problem is not None:
+                return Attribution("", ""), f"header X-LLM-{key.title()}: {problem}"
+            values[key] = value.strip()
         return Attribution(values["department"] or "", values["project"] or "",
                            values["user"]), None
 
