@@ -18,7 +18,8 @@ RUN groupadd --system --gid 10001 exporter \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
-RUN pip install --no-cache-dir . && rm -rf /src/exporter /src/build
+# The postgres extra (psycopg, with its own libpq) lets the same image serve either ledger.
+RUN pip install --no-cache-dir ".[postgres]" && rm -rf /src/exporter /src/build
 
 WORKDIR /etc/llm-cost-exporter
 USER exporter:exporter

@@ -140,3 +140,19 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return None
+
+
+@pytest.fixture
+def pg() -> Any:
+    """The session's PostgreSQL server (helpers/postgres.py); fails under CI when absent."""
+    from helpers.postgres import pg_server
+
+    return pg_server()
+
+
+@pytest.fixture
+def pg_dsn(pg: Any) -> Iterator[str]:
+    """A DSN of a fresh, empty PostgreSQL database of this test's own."""
+    name = pg.create_database()
+    yield pg.dsn(name)
+    pg.drop_database(name)

@@ -19,7 +19,10 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 TOP_LEVEL = {"name", "services", "volumes", "networks", "secrets", "configs"}
 SERVICE_KEYS = {"build", "image", "command", "environment", "volumes", "ports", "depends_on",
                 "healthcheck", "restart", "read_only", "tmpfs", "cap_drop", "security_opt",
-                "user", "secrets"}
+                "user", "secrets", "profiles", "networks"}
+# The optional `postgres` profile: PostgreSQL and two exporter replicas sharing it.
+REPLICAS = ("exporter-a", "exporter-b")
+PG_PROFILE = {"postgres", *REPLICAS}
 
 
 def volumes(service: str) -> list[tuple[str, str, str]]:
@@ -34,12 +37,15 @@ def volumes(service: str) -> list[tuple[str, str, str]]:
 
 def test_structure() -> None:
     assert set(COMPOSE) <= TOP_LEVEL
-    assert set(SERVICES) == {"exporter", "prometheus", "alertmanager", "grafana"}
+    assert set(SERVICES) == {"exporter", "prometheus", "alertmanager", "grafana", *PG_PROFILE}
     for name, service in SERVICES.items():
         assert set(service) <= SERVICE_KEYS, (name, set(service) - SERVICE_KEYS)
         assert service["restart"] == "unless-stopped"
+        # Only the PostgreSQL services are optional; the default stack starts without them.
+        assert service.get("profiles") == (["postgres"] if name in PG_PROFILE else None), name
         for dep in service.get("depends_on", []):
             assert dep in SERVICES
+            assert name in PG_PROFILE or dep not in PG_PROFILE, (name, dep)
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))
@@ -47,6 +53,9 @@ def test_images_are_pinned(service: str) -> None:
     image = SERVICES[service]["image"]
     if "build" in SERVICES[service]:
         assert image == "llm-cost-exporter:local"
+        return
+    if image.startswith("postgres:"):  # PostgreSQL versions are major.minor
+        assert re.fullmatch(r"postgres:\d+\.\d+-bookworm", image), image
         return
     assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", image), image
 
@@ -131,7 +140,7 @@ def test_grafana_provisioning_is_mounted_read_only() -> None:
 def test_dockerfile() -> None:
     assert "COPY pyproject.toml README.md ./" in DOCKERFILE
     assert "COPY exporter ./exporter" in DOCKERFILE
-    assert "pip install --no-cache-dir ." in DOCKERFILE
+    assert 'pip install --no-cache-dir ".[postgres]"' in DOCKERFILE
     [user] = re.findall(r"^USER\s+(\S+)", DOCKERFILE, re.M)
     assert not user.startswith(("root", "0"))
     assert re.search(r"^HEALTHCHECK .*\n?.*urllib.*/healthz", DOCKERFILE, re.M)
@@ -145,3 +154,54 @@ def test_dockerignore_keeps_secrets_and_local_state_out() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in ("alertmanager/secrets", ".venv", ".git", "examples/data", ".stack"):
         assert entry in ignored
+
+
+def test_postgres_profile_secrets_stay_out_of_git_and_images() -> None:
+    # The secret files are created by hand (postgres/secrets/README.md): their directory
+    # is in the repository, the files are ignored by git and by the build context.
+    for name, secret in COMPOSE["secrets"].items():
+        source = PurePosixPath(secret["file"])
+        assert str(source.parent) == "postgres/secrets" and source.name == name
+        assert (ROOT / "postgres" / "secrets" / "README.md").is_file()
+        assert name in (ROOT / "postgres" / "secrets" / "README.md").read_text()
+    gitignore = (ROOT / ".gitignore").read_text().split()
+    assert "postgres/secrets/*" in gitignore and "!postgres/secrets/README.md" in gitignore
+    assert "postgres/secrets" in (ROOT / ".dockerignore").read_text().split()
+    postgres = SERVICES["postgres"]
+    assert postgres["secrets"] == ["postgres_password"]
+    assert postgres["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert "POSTGRES_PASSWORD" not in postgres["environment"]
+    assert ("postgres-data", "/var/lib/postgresql/data", "rw") in volumes("postgres")
+    assert "ports" not in postgres  # reached by the replicas on the compose network only
+
+
+@pytest.mark.parametrize("replica", REPLICAS)
+def test_replicas_share_one_config_and_differ_only_in_name_and_port(replica: str,
+                                                                    tmp_path: Path) -> None:
+    from llm_cost_exporter.config import parse_config
+
+    service = SERVICES[replica]
+    assert service["secrets"] == ["ledger_dsn"]
+    assert service["environment"] == {"LLM_EXPORTER_INSTANCE": replica}
+    assert service["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert service["networks"] == {"default": {"aliases": ["exporter-replica"]}}
+    assert "/readyz" in " ".join(service["healthcheck"]["test"])
+    mounts = {target: source for source, target, _ in volumes(replica)}
+    assert mounts["/etc/llm-cost-exporter/config.yaml"] == "./examples/config.postgres.yaml"
+    same = {k: v for k, v in service.items() if k not in ("environment", "ports")}
+    other = SERVICES[REPLICAS[1 - REPLICAS.index(replica)]]
+    assert same == {k: v for k, v in other.items() if k not in ("environment", "ports")}
+    assert {k: v for k, v in SERVICES["exporter"].items() if k in (
+        "read_only", "tmpfs", "cap_drop", "security_opt")} == {
+        k: v for k, v in service.items() if k in ("read_only", "tmpfs", "cap_drop",
+                                                  "security_opt")}
+    # The config the replicas mount loads, given the secret file compose would mount.
+    data = yaml.safe_load((ROOT / "examples" / "config.postgres.yaml").read_text())
+    assert data["ledger"]["dsn_file"] == "/run/secrets/ledger_dsn"
+    assert "instance" not in data["ledger"]  # one shared file: names come from the env
+    dsn_file = tmp_path / "ledger_dsn"
+    dsn_file.write_text("postgresql://llm:pw@postgres:5432/llm_cost\n")
+    data["ledger"]["dsn_file"] = str(dsn_file)
+    cfg = parse_config(data, ROOT / "examples", env={"LLM_EXPORTER_INSTANCE": replica})
+    assert (cfg.ledger.backend, cfg.ledger.instance) == ("postgres", replica)
+    assert cfg.ledger.describe() == f"postgres postgres:5432/llm_cost as llm (instance {replica})"

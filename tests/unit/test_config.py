@@ -46,7 +46,7 @@ def test_every_problem_is_reported_with_its_path(tmp_path: Path) -> None:
         parse_config(data, tmp_path, env={})
     assert set(err.value.problems) == {
         "listen: must be HOST:PORT with a port in 1-65535",
-        "ledger.backend: must be 'sqlite' (the only backend in this release)",
+        "ledger.backend: must be 'sqlite' or 'postgres'",
         "labels.max_values_per_label: must be >= 1 and <= 100000",
         "ingest.tokens: inline tokens are not allowed: use tokens_env or tokens_file",
         "budgets[1].daily_usd: must be a number",

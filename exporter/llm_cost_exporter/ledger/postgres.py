@@ -138,6 +138,8 @@ class PostgresLedger:
                     raise LedgerUnavailable(f"cannot reach ledger database: {exc}") from exc
                 log.warning("waiting for the ledger database", extra={"error": str(exc)})
                 time.sleep(1.0)
+            except psycopg.Error as exc:  # e.g. no privilege to create the tables
+                raise LedgerUnavailable(f"cannot migrate ledger database: {exc}") from exc
 
     # -- start-up and recovery ------------------------------------------------------------
     def _load_totals(self) -> Totals:
