@@ -33,10 +33,12 @@ e2e: $(STAMP)
 check-config: $(STAMP)
 	$(BIN)/llm-cost-exporter check-config --config $(CONFIG)
 
-## bench: ingest and scrape benchmarks (ratios against floors measured in the same run)
+## bench: every benchmark (ratios against floors measured in the same run; ~10 min)
 bench: $(STAMP)
+	$(BIN)/python bench/proxy_overhead.py
 	$(BIN)/python bench/ingest_throughput.py
 	$(BIN)/python bench/scrape_time.py
+	$(BIN)/python bench/startup.py
 
 ## stack: exporter + Prometheus + Alertmanager on loopback, without Docker
 stack: $(STAMP)
