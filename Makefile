@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= examples/config.yaml
+LISTEN ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint unit e2e bench stack check-config clean
@@ -14,8 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## run: install into .venv and serve the example config (SQLite ledger under examples/data/)
+##      make run CONFIG=my.yaml LISTEN=127.0.0.1:9500
 run: $(STAMP)
-	$(BIN)/llm-cost-exporter serve --config $(CONFIG)
+	$(BIN)/llm-cost-exporter serve --config $(CONFIG) $(if $(LISTEN),--listen $(LISTEN))
 
 ## test: lint, then the whole suite (unit + end-to-end with real Prometheus binaries)
 test: $(STAMP) lint

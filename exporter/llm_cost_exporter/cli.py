@@ -77,6 +77,11 @@ def _check_config(path: Path) -> int:
           else "  ingest auth: off")
     print(f"  labels: max {cfg.labels.max_values_per_label} values per label, "
           f"{cfg.labels.max_value_length} chars each")
+    print(f"  upstreams (proxy): {len(cfg.upstreams)}"
+          f"{'; proxy auth on' if cfg.proxy.tokens else ''}")
+    for u in cfg.upstreams:
+        print(f"    /{u.name}/ -> {u.base_url} ({u.wire_format}, priced as {u.provider}"
+              f"{', own key' if u.api_key else ''})")
     print(f"  budgets: {len(cfg.budgets)}")
     for b in cfg.budgets:
         limits = ", ".join(f"{p} ${v}" for p, v in b.limits().items())

@@ -15,6 +15,8 @@ from llm_cost_exporter.usage import MAX_TOKENS, UsageError, parse_response, pars
 
 _EVENT_KEYS = {"request_id", "department", "project", "user", "provider", "model",
                "timestamp", "latency_seconds", "status", "usage", "response", "tokens"}
+# Keys that mark a provider's response body (OpenAI, Anthropic, Gemini), not an event.
+_RESPONSE_KEYS = {"choices", "candidates", "usageMetadata", "stop_reason", "object", "content"}
 _TOKEN_KEYS = ("input", "cache_read", "cache_write", "cache_write_1h", "output", "reasoning")
 _PROVIDER = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -92,6 +94,11 @@ def _parse_event(item: Any, path: str, defaults: Attribution, now: datetime,
         return None
     before = len(errors.errors)
     if not _EVENT_KEYS.issuperset(item):
+        if _RESPONSE_KEYS.intersection(item):
+            # A provider response posted as is: say how to wrap it, once, not per field.
+            errors.add(path or "body", 'looks like a provider response body: send '
+                       '{"provider": ..., "response": <that body>} instead')
+            return None
         for key in item:
             if key not in _EVENT_KEYS:
                 errors.add(_join(path, str(key)), "unknown field")

@@ -88,9 +88,18 @@ class UsageReporter:
         return True
 
     def close(self, timeout: float = 10.0) -> None:
+        """Deliver what is queued within `timeout`; what is left then is counted as dropped."""
         self.flush(timeout)
         self._closed.set()
         self._thread.join(timeout)
+        left = 0
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+            left += 1
+        self.dropped += left
 
     # -- the background thread --------------------------------------------------------------
     def _run(self) -> None:
@@ -139,6 +148,7 @@ class UsageReporter:
                     return
             self._closed.wait(backoff)
             backoff = min(backoff * 2, self._max_backoff)
+        self.dropped += len(batch)  # closed before the exporter took it
 
     def _done(self, n: int) -> None:
         with self._idle:

@@ -66,3 +66,12 @@ def test_full_queue_drops_instead_of_blocking() -> None:
     # At most 5 queued plus the one the sender holds; the rest are dropped and counted.
     assert 14 <= reporter.dropped <= 15
     reporter._closed.set()
+
+
+def test_close_counts_what_could_not_be_delivered() -> None:
+    reporter = UsageReporter(f"http://127.0.0.1:{free_port()}", flush_interval=0.01,
+                             max_backoff=0.05)
+    for _ in range(3):
+        reporter.report("openai", model="gpt-4o", tokens={"input": 1})
+    reporter.close(timeout=0.5)  # the exporter never came up
+    assert (reporter.sent, reporter.dropped) == (0, 3)

@@ -82,6 +82,7 @@ def test_check_config_prints_what_it_loaded(capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     assert "data-science/*: daily $100, monthly $2000; warn at 0.8; Asia/Ho_Chi_Minh" in out
     assert "ingest auth: off" in out
+    assert "upstreams (proxy): 0" in out
 
 
 def test_check_config_lists_every_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]

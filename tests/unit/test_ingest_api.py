@@ -248,3 +248,11 @@ def test_openmetrics_negotiation(client: TestClient) -> None:
 def test_health_and_readiness(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_a_raw_provider_response_gets_told_how_to_wrap_it(client: TestClient) -> None:
+    r = client.post("/v1/usage", json=payload("anthropic_messages_cache.json"))
+    assert r.status_code == 422
+    assert r.json()["errors"] == [{"field": "body", "message": (
+        'looks like a provider response body: send {"provider": ..., "response": '
+        '<that body>} instead')}]
