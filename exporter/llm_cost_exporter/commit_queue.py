@@ -77,8 +77,6 @@ class CommitQueue:
             else:
                 future.set_result(result)
 
-    def record_sync(self, batch: Sequence[PricedEvent], timeout: float = 30) -> BatchResult:
-        return self.submit(batch).result(timeout)
 
     def _run(self) -> None:
         while True:

@@ -54,9 +54,6 @@ class UsageRenderer:
             self._labels[key] = text
         return text
 
-    def render(self, totals: Totals, openmetrics: bool) -> str:
-        return "".join(self.chunks(totals, openmetrics))
-
     def chunks(self, totals: Totals, openmetrics: bool, lines_per_chunk: int = 2000
                ) -> Iterator[str]:
         """The exposition in pieces, so a large scrape never holds the whole text at once."""

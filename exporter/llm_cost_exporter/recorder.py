@@ -38,11 +38,6 @@ class Recorder:
         self._committed(priced, result)
         return result
 
-    def record_sync(self, events: Sequence[UsageEvent]) -> BatchResult:
-        priced = self.prepare(events)
-        result = self.commits.record_sync(priced)
-        self._committed(priced, result)
-        return result
 
     def _committed(self, priced: list[PricedEvent], result: BatchResult) -> None:
         if self.budgets is not None and self.budgets.active:

@@ -90,10 +90,6 @@ class StreamUsage:
                 self._final = data["usage"]
 
     @property
-    def has_usage(self) -> bool:
-        return bool(self._final or self._anthropic or self._gemini)
-
-    @property
     def complete(self) -> bool:
         """True once the stream has reported its final usage (not only a provisional one)."""
         return bool(self._final or self._gemini or self._anthropic_final)
