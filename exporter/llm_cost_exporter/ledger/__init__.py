@@ -2,7 +2,9 @@
 
 from llm_cost_exporter.ledger.base import (
     LATENCY_BUCKETS,
+    BatchKey,
     BatchResult,
+    IdempotencyConflict,
     Ledger,
     LedgerRejected,
     LedgerUnavailable,
@@ -11,5 +13,5 @@ from llm_cost_exporter.ledger.base import (
     Totals,
 )
 
-__all__ = ["LATENCY_BUCKETS", "BatchResult", "Ledger", "LedgerRejected", "LedgerUnavailable",
-           "SeriesKey", "SeriesTotals", "Totals"]
+__all__ = ["LATENCY_BUCKETS", "BatchKey", "BatchResult", "IdempotencyConflict", "Ledger",
+           "LedgerRejected", "LedgerUnavailable", "SeriesKey", "SeriesTotals", "Totals"]

@@ -26,6 +26,20 @@ class LedgerRejected(ValueError):
     written, and retrying it unchanged will not help."""
 
 
+class IdempotencyConflict(LedgerRejected):
+    """An Idempotency-Key already used for a different body: nothing of this batch was
+    written (the first body's events stay as they were)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchKey:
+    """A client's Idempotency-Key for one ingest batch, and a digest of the exact body it
+    came with: the same key with the same body is a retry, with another body a mistake."""
+
+    key: str
+    digest: bytes
+
+
 class SeriesKey(NamedTuple):
     department: str
     project: str
@@ -98,11 +112,21 @@ class BatchResult:
     duplicates: int
     # Positions (in the batch) of the events that were new and written.
     written: tuple[int, ...] = field(default=(), compare=False)
+    # True when the batch's Idempotency-Key was already recorded with the same body: nothing
+    # was written now, and accepted/duplicates are those of the first time.
+    replayed: bool = False
 
 
 class Ledger(Protocol):
-    def record(self, batches: Sequence[Sequence[PricedEvent]]) -> list[BatchResult | Exception]:
+    def record(self, batches: Sequence[Sequence[PricedEvent]],
+               keys: Sequence[BatchKey | None] | None = None) -> list[BatchResult | Exception]:
         """Write batches in one commit; each batch is all-or-nothing, results in order.
+
+        `keys` (one per batch, or None) are Idempotency-Keys: a key already recorded with the
+        same digest (before, or by an earlier batch of this commit) makes its batch a replay
+        (nothing written, the first result returned with replayed=True); with another digest
+        the batch's result is IdempotencyConflict. A new key is stored with its batch's
+        result in the same transaction as the batch's events.
 
         Raises LedgerUnavailable when nothing could be committed.
         """
