@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import signal
@@ -22,8 +23,14 @@ from llm_cost_exporter.auth import bearer_ok, metrics_auth_ok
 from llm_cost_exporter.clock import Clock
 from llm_cost_exporter.config import Config
 from llm_cost_exporter.events import Attribution
-from llm_cost_exporter.ingest import IngestError, parse_events
-from llm_cost_exporter.ledger import Ledger, LedgerRejected, LedgerUnavailable
+from llm_cost_exporter.ingest import IngestError, idempotency_key, parse_events
+from llm_cost_exporter.ledger import (
+    BatchKey,
+    IdempotencyConflict,
+    Ledger,
+    LedgerRejected,
+    LedgerUnavailable,
+)
 from llm_cost_exporter.price_db import GenAIPricesDB
 from llm_cost_exporter.proxy.asgi import Receive, Scope, Send
 from llm_cost_exporter.state import ExporterState
@@ -97,6 +104,7 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
             return _error(400, "invalid_json", f"body: not valid JSON ({message})"[:300])
         defaults = Attribution(state.config.default_department, state.config.default_project)
         try:
+            key = idempotency_key(request.headers.get("idempotency-key"))
             events = parse_events(body, defaults=defaults, now=state.clock.now(),
                                   limits=state.limits)
         except IngestError as exc:
@@ -106,8 +114,19 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
                 "message": "nothing from this request was recorded; fix these fields",
                 "errors": [{"field": f, "message": m} for f, m in exc.errors[:100]],
             })
+        # The key is bound to the exact bytes: a retry must send the same body again.
+        batch_key = None if key is None else BatchKey(
+            key, hashlib.blake2b(raw, digest_size=16).digest())
         try:
-            result = await state.recorder.record(events)
+            result = await state.recorder.record(events, batch_key)
+        except IdempotencyConflict as exc:
+            state.stats.reject("invalid")
+            return JSONResponse(status_code=422, content={
+                "error": "idempotency_key_reused",
+                "message": "nothing from this request was recorded",
+                "errors": [{"field": "Idempotency-Key", "message": f"{exc}: use a new key "
+                            "for a new batch, the same key only to retry the same body"}],
+            })
         except LedgerRejected as exc:
             state.stats.reject("invalid")
             return JSONResponse(status_code=422, content={
@@ -123,8 +142,12 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
                           "the ledger cannot be written; nothing was recorded, retry later",
                           headers={"Retry-After": "5"})
         state.stats.ledger_up = True
+        # A replay answers as the first time did (the IETF draft's and Stripe's convention),
+        # marked so that a client can tell.
         return JSONResponse(status_code=202, content={"accepted": result.accepted,
-                                                      "duplicates": result.duplicates})
+                                                      "duplicates": result.duplicates},
+                            headers={"Idempotent-Replayed": "true"} if result.replayed
+                            else None)
 
     @app.post("/-/reload")
     def reload(request: Request) -> Response:

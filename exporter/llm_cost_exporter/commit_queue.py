@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 
 from llm_cost_exporter.events import PricedEvent
-from llm_cost_exporter.ledger import BatchResult, Ledger
+from llm_cost_exporter.ledger import BatchKey, BatchResult, Ledger
 
 _STOP = object()
 # Batches up to this size are committed on the event loop when inline mode is on.
@@ -34,7 +34,8 @@ class CommitQueue:
                  inline: bool = False) -> None:
         self._ledger = ledger
         self._inline = inline
-        self._pending: list[tuple[Sequence[PricedEvent], asyncio.Future[BatchResult]]] = []
+        self._pending: list[tuple[Sequence[PricedEvent], BatchKey | None,
+                                  asyncio.Future[BatchResult]]] = []
         self._flush_scheduled = False
         self._max_events = max_events_per_commit
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -42,17 +43,19 @@ class CommitQueue:
         self._thread.start()
         self.commits = 0
 
-    def submit(self, batch: Sequence[PricedEvent]) -> Future[BatchResult]:
+    def submit(self, batch: Sequence[PricedEvent], key: BatchKey | None = None
+               ) -> Future[BatchResult]:
         future: Future[BatchResult] = Future()
-        self._queue.put((batch, future))
+        self._queue.put((batch, key, future))
         return future
 
-    async def record(self, batch: Sequence[PricedEvent]) -> BatchResult:
+    async def record(self, batch: Sequence[PricedEvent], key: BatchKey | None = None
+                     ) -> BatchResult:
         if not self._inline or len(batch) > INLINE_MAX_EVENTS:
-            return await asyncio.wrap_future(self.submit(batch))
+            return await asyncio.wrap_future(self.submit(batch, key))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[BatchResult] = loop.create_future()
-        self._pending.append((batch, future))
+        self._pending.append((batch, key, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush_inline)
@@ -62,14 +65,15 @@ class CommitQueue:
         self._flush_scheduled = False
         pending, self._pending = self._pending, []
         try:
-            results = self._ledger.record([batch for batch, _ in pending])
+            results = self._ledger.record([batch for batch, _, _ in pending],
+                                          [key for _, key, _ in pending])
         except Exception as exc:
-            for _, future in pending:
+            for _, _, future in pending:
                 if not future.done():
                     future.set_exception(exc)
             return
         self.commits += 1
-        for (_, future), result in zip(pending, results, strict=True):
+        for (_, _, future), result in zip(pending, results, strict=True):
             if future.done():  # its caller was cancelled; the batch is committed anyway
                 continue
             if isinstance(result, Exception):
@@ -100,15 +104,17 @@ class CommitQueue:
             if stop:
                 return
 
-    def _commit(self, pending: list[tuple[Sequence[PricedEvent], Future[BatchResult]]]) -> None:
+    def _commit(self, pending: list[tuple[Sequence[PricedEvent], BatchKey | None,
+                                          Future[BatchResult]]]) -> None:
         try:
-            results = self._ledger.record([batch for batch, _ in pending])
+            results = self._ledger.record([batch for batch, _, _ in pending],
+                                          [key for _, key, _ in pending])
         except Exception as exc:  # the whole commit failed: every waiter learns why
-            for _, future in pending:
+            for _, _, future in pending:
                 future.set_exception(exc)
             return
         self.commits += 1
-        for (_, future), result in zip(pending, results, strict=True):
+        for (_, _, future), result in zip(pending, results, strict=True):
             if isinstance(result, Exception):
                 future.set_exception(result)
             else:

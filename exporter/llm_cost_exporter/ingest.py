@@ -21,6 +21,8 @@ _TOKEN_KEYS = ("input", "cache_read", "cache_write", "cache_write_1h", "output",
 _PROVIDER = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_REQUEST_ID = 256
+# Visible ASCII and spaces: what an HTTP header carries safely (UUIDs, ULIDs, hashes).
+_IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 MAX_LATENCY_SECONDS = 86_400.0
 
 
@@ -69,6 +71,19 @@ def parse_events(body: Any, *, defaults: Attribution, now: datetime,
     if errors.errors:
         raise IngestError(errors.errors)
     return events
+
+
+def idempotency_key(header: str | None) -> str | None:
+    """The Idempotency-Key header's key, or None. Both the bare form (`abc`, as Stripe's
+    API takes it) and the structured-field string of the IETF draft (`"abc"`) are read."""
+    if header is None:
+        return None
+    key = header.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not _IDEMPOTENCY_KEY.match(key) or not key.strip():
+        raise IngestError([("Idempotency-Key", "must be 1-255 visible ASCII characters")])
+    return key
 
 
 def _join(path: str, key: str) -> str:

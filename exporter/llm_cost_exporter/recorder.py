@@ -8,7 +8,7 @@ from llm_cost_exporter.budget_guard import BudgetGuard
 from llm_cost_exporter.commit_queue import CommitQueue
 from llm_cost_exporter.events import PricedEvent, UsageEvent
 from llm_cost_exporter.labels import LabelGuard
-from llm_cost_exporter.ledger import BatchResult
+from llm_cost_exporter.ledger import BatchKey, BatchResult
 from llm_cost_exporter.pricer import Pricer
 
 
@@ -29,12 +29,14 @@ class Recorder:
                                    price_source=quote.source))
         return out
 
-    async def record(self, events: Sequence[UsageEvent]) -> BatchResult:
-        return await self.commit(self.prepare(events))
+    async def record(self, events: Sequence[UsageEvent], key: BatchKey | None = None
+                     ) -> BatchResult:
+        return await self.commit(self.prepare(events), key)
 
-    async def commit(self, priced: list[PricedEvent]) -> BatchResult:
+    async def commit(self, priced: list[PricedEvent], key: BatchKey | None = None
+                     ) -> BatchResult:
         """Commit events already prepared (the proxy reads their labels first)."""
-        result = await self.commits.record(priced)
+        result = await self.commits.record(priced, key)
         self._committed(priced, result)
         return result
 

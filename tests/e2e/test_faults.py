@@ -1,11 +1,13 @@
 """Process faults (issue #5): kill -9 during concurrent ingest, SIGTERM with requests in flight.
 
 The promise under test (README, Ingest API): "every event is committed to the ledger before
-this answer [202]", a retried `request_id` is counted once, and a batch is all or nothing.
+this answer [202]", a retried `request_id` or a retried batch's Idempotency-Key is counted
+once, and a batch is all or nothing.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -26,10 +28,13 @@ BATCH = 25
 TEST_DEADLINE_SECONDS = 120
 
 
-def _event(request_id: str, n: int) -> dict[str, Any]:
-    # Token counts vary with n so the counter sums check more than "how many".
-    return {"request_id": request_id, "provider": "openai", "model": "gpt-4o",
-            "department": "engineering", "project": f"client-{request_id.split('-')[0]}",
+def _event(request_id: str, n: int, keyed: bool) -> dict[str, Any]:
+    # Token counts vary with n so the counter sums check more than "how many". A keyed
+    # client's events carry no request_id (its batches' Idempotency-Key is all the exporter
+    # has to know a retry); their id travels in `user`, which the ledger stores, to check.
+    return {"request_id" if not keyed else "user": request_id, "provider": "openai",
+            "model": "gpt-4o", "department": "engineering",
+            "project": f"client-{request_id.split('-')[0]}",
             "tokens": {"input": 1 + n % 7, "output": 2 + n % 5}}
 
 
@@ -42,18 +47,21 @@ class Ack:
     attempts: int
     accepted: int
     duplicates: int
+    replayed: bool
 
 
 @dataclass
 class IngestClient:
-    """Posts batches with unique request_ids; on a connection error retries the SAME batch
-    (same ids), as the README tells reporters to, until it gets a 202."""
+    """Posts batches with unique request_ids (or, if keyed, with an Idempotency-Key and no
+    request_ids); on a connection error retries the SAME batch (same ids, same key, same
+    bytes), as the README tells reporters to, until it gets a 202."""
 
     index: int
     url: str
     stop: threading.Event
     deadline: float
     acked: threading.Condition
+    keyed: bool = False
     acks: list[Ack] = field(default_factory=list)
     transport_errors: int = 0
     error: str | None = None
@@ -75,12 +83,16 @@ class IngestClient:
     def _post_until_acknowledged(self, http: httpx.Client, number: int) -> None:
         ids = [f"{self.index}-{number}-{i}" for i in range(BATCH)]
         base = (self.index * 1_000_000 + number * BATCH)
-        events = [_event(rid, base + i) for i, rid in enumerate(ids)]
+        events = [_event(rid, base + i, self.keyed) for i, rid in enumerate(ids)]
+        body = json.dumps(events).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.keyed:
+            headers["Idempotency-Key"] = f"batch-{self.index}-{number}"
         attempts = 0
         while time.monotonic() < self.deadline:
             attempts += 1
             try:
-                r = http.post(f"{self.url}/v1/usage", json=events)
+                r = http.post(f"{self.url}/v1/usage", content=body, headers=headers)
             except httpx.TransportError:
                 # Killed or restarting: back off briefly (bounded by the deadline), retry.
                 self.transport_errors += 1
@@ -92,7 +104,8 @@ class IngestClient:
             body = r.json()
             with self.acked:
                 self.acks.append(Ack(ids, sum(e["tokens"]["input"] for e in events), attempts,
-                                     body["accepted"], body["duplicates"]))
+                                     body["accepted"], body["duplicates"],
+                                     r.headers.get("idempotent-replayed") == "true"))
                 self.acked.notify_all()
             return
         raise AssertionError(f"batch {ids[0]} not acknowledged before the deadline")
@@ -122,7 +135,9 @@ def test_kill9_during_concurrent_ingest_loses_and_doubles_nothing(
     stop = threading.Event()
     deadline = time.monotonic() + TEST_DEADLINE_SECONDS
     acked = threading.Condition()
-    clients = [IngestClient(i, exporter.url, stop, deadline, acked) for i in range(CLIENTS)]
+    # Half the clients deduplicate by request_id, half by Idempotency-Key alone.
+    clients = [IngestClient(i, exporter.url, stop, deadline, acked, keyed=i % 2 == 1)
+               for i in range(CLIENTS)]
     threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
     for t in threads:
         t.start()
@@ -157,14 +172,19 @@ def test_kill9_during_concurrent_ingest_loses_and_doubles_nothing(
         # duplicates now) or not at all (all accepted now), never half.
         assert (a.accepted, a.duplicates) in ((BATCH, 0), (0, BATCH)), a
         if a.attempts == 1:
-            assert a.duplicates == 0, a
+            assert a.duplicates == 0 and not a.replayed, a
+    # Keyed batches cannot show duplicates (their events have no request_id): a retry of
+    # one committed before the kill is answered as a replay of its first answer instead.
+    keyed = {c.index for c in clients if c.keyed}
+    assert all(a.duplicates == 0 for a in acks if int(a.ids[0].split("-")[0]) in keyed)
 
     # After one more restart: every acknowledged event is in the ledger exactly once...
     exporter.kill9()
     events = _check_ledger_consistent(ledger)
     exporter.start()
     acked_ids = {rid for a in acks for rid in a.ids}
-    stored = {row[0] for row in ledger_query(ledger, "SELECT request_id FROM events")}
+    stored = {row[0] for row in ledger_query(
+        ledger, "SELECT COALESCE(request_id, user_name) FROM events")}
     assert acked_ids <= stored, f"{len(acked_ids - stored)} acknowledged events lost"
     # ...and nothing else: every batch a client started was finally acknowledged.
     assert stored == acked_ids

@@ -102,6 +102,59 @@ def test_retry_is_counted_once(client: TestClient) -> None:
     assert metric_value(metrics(client), "llm_requests_total", **SERIES, outcome="success") == 1
 
 
+def test_idempotency_key_makes_a_batch_retry_safe_without_request_ids(
+        client: TestClient) -> None:
+    event = {k: v for k, v in ISSUE_EVENT.items() if k != "request_id"}
+    body = json.dumps([event, event]).encode()  # two calls, no request_id: both are new
+    headers = {"Idempotency-Key": "batch-7f3a", "Content-Type": "application/json"}
+    first = client.post("/v1/usage", content=body, headers=headers)
+    assert (first.status_code, first.json()) == (202, {"accepted": 2, "duplicates": 0})
+    assert "idempotent-replayed" not in first.headers
+    # The same bytes again (a retry after a lost answer): the first answer, nothing written.
+    again = client.post("/v1/usage", content=body, headers=headers)
+    assert (again.status_code, again.json()) == (202, {"accepted": 2, "duplicates": 0})
+    assert again.headers["idempotent-replayed"] == "true"
+    # The structured-field form of the IETF draft names the same key.
+    quoted = client.post("/v1/usage", content=body,
+                         headers={**headers, "Idempotency-Key": '"batch-7f3a"'})
+    assert quoted.headers["idempotent-replayed"] == "true"
+    text = metrics(client)
+    assert metric_value(text, "llm_requests_total", **SERIES, outcome="success") == 2
+    # 2 x $0.00808 (see test_issue_example_event_priced_on_metrics) = $0.01616
+    assert metric_value(text, "llm_cost_usd_total", **SERIES) == pytest.approx(0.01616, abs=0)
+    budget = {"department": "engineering", "project": "ai-features", "period": "daily"}
+    assert metric_value(text, "llm_budget_spend_usd", **budget) == pytest.approx(0.01616,
+                                                                                  abs=1e-12)
+
+
+def test_idempotency_key_reused_for_another_body_is_refused(client: TestClient) -> None:
+    event = {k: v for k, v in ISSUE_EVENT.items() if k != "request_id"}
+    headers = {"Idempotency-Key": "k-1"}
+    assert client.post("/v1/usage", json=[event], headers=headers).status_code == 202
+    other = client.post("/v1/usage", json=[event, event], headers=headers)
+    assert other.status_code == 422
+    assert other.json()["error"] == "idempotency_key_reused"
+    assert other.json()["errors"][0]["field"] == "Idempotency-Key"
+    assert metric_value(metrics(client), "llm_requests_total", **SERIES,
+                        outcome="success") == 1
+    # A rejected body does not use its key up: fixed and resent, it is accepted.
+    bad = client.post("/v1/usage", json=[{**event, "status": "maybe"}],
+                      headers={"Idempotency-Key": "k-2"})
+    assert bad.status_code == 422
+    ok = client.post("/v1/usage", json=[event], headers={"Idempotency-Key": "k-2"})
+    assert (ok.status_code, ok.json()) == (202, {"accepted": 1, "duplicates": 0})
+
+
+@pytest.mark.parametrize("key", ["", "   ", '""', "x" * 256, "caf\u00e9", "a\tb"])
+def test_bad_idempotency_key_is_named(client: TestClient, key: str) -> None:
+    r = client.post("/v1/usage", json=ISSUE_EVENT,
+                    headers={"Idempotency-Key": key.encode("utf-8")})  # type: ignore[dict-item]
+    assert r.status_code == 422
+    assert r.json()["errors"] == [{"field": "Idempotency-Key",
+                                   "message": "must be 1-255 visible ASCII characters"}]
+    assert metric_value(metrics(client), "llm_requests_total", **SERIES) is None
+
+
 def test_batch_with_one_bad_event_writes_nothing(client: TestClient, tmp_path: Path) -> None:
     good = {**ISSUE_EVENT, "request_id": "good"}
     bad = {**ISSUE_EVENT, "request_id": "bad",

@@ -18,7 +18,13 @@ from llm_cost_exporter.events import (
     TokenCounts,
     UsageEvent,
 )
-from llm_cost_exporter.ledger import BatchResult, LedgerUnavailable, SeriesKey
+from llm_cost_exporter.ledger import (
+    BatchKey,
+    BatchResult,
+    IdempotencyConflict,
+    LedgerUnavailable,
+    SeriesKey,
+)
 from llm_cost_exporter.ledger.migrations import MIGRATIONS
 from llm_cost_exporter.ledger.sqlite import SQLiteLedger
 
@@ -69,6 +75,40 @@ def test_failing_batch_writes_nothing_and_spares_its_neighbours(tmp_path: Path) 
     # x-1 was rolled back with its batch: 2 requests, 200 input tokens, $1.00.
     assert (totals.requests, totals.input, totals.cost) == (2, 200, D("1.0"))
     assert count_events(tmp_path / "l.db") == 2
+
+
+def test_idempotency_key_replays_conflicts_and_survives_reopen(tmp_path: Path) -> None:
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    k1, k1_other = BatchKey("k1", b"digest-a"), BatchKey("k1", b"digest-b")
+    # Events without request ids: only the key can tell a retry from new usage.
+    assert ledger.record([[ev(None), ev(None)]], [k1]) == [BatchResult(2, 0)]
+    assert ledger.record([[ev(None), ev(None)]], [k1]) == [BatchResult(2, 0, replayed=True)]
+    [conflict] = ledger.record([[ev(None)]], [k1_other])
+    assert isinstance(conflict, IdempotencyConflict)
+    ledger.close()
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    assert ledger.record([[ev(None), ev(None)]], [k1]) == [BatchResult(2, 0, replayed=True)]
+    totals = ledger.totals().series[KEY]
+    # Only the first batch counted: 2 requests x 100 input tokens, 2 x $0.5.
+    assert (totals.requests, totals.input, totals.cost) == (2, 200, D("1.0"))
+    assert ledger.spend("eng", None, TS.replace(hour=0), TS.replace(hour=23)) == D("1.0")
+    assert count_events(tmp_path / "l.db") == 2
+
+
+def test_idempotency_key_inside_one_commit_and_after_a_failed_batch(tmp_path: Path) -> None:
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    bad = ev(["not", "bindable"])  # type: ignore[arg-type]  # sqlite cannot bind a list
+    k, failed = BatchKey("k", b"d"), BatchKey("f", b"d")
+    results = ledger.record([[ev("a"), ev("b")], [ev("a"), ev("b")], [ev("c"), bad], [ev("x")]],
+                            [k, k, failed, BatchKey("k", b"other")])
+    # The repeat within the commit replays the first batch's counts, not its own (0, 2).
+    assert results[:2] == [BatchResult(2, 0), BatchResult(2, 0, replayed=True)]
+    assert isinstance(results[2], LedgerUnavailable)
+    assert isinstance(results[3], IdempotencyConflict)
+    # The failed batch took its key with it: the fixed batch under the same key is new.
+    assert ledger.record([[ev("c")]], [failed]) == [BatchResult(1, 0)]
+    assert ledger.totals().series[KEY].requests == 3
+    assert count_events(tmp_path / "l.db") == 3
 
 
 def test_totals_and_latency_survive_reopen(tmp_path: Path) -> None:

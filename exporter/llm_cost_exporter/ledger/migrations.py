@@ -54,6 +54,14 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL NOT NULL)
     """,
+    # 4: Idempotency-Keys of ingest batches: one row per keyed batch, written in the batch's
+    # own transaction, so a retried batch is recognised without a per-event request_id.
+    """
+    CREATE TABLE ingest_keys (
+        key TEXT PRIMARY KEY, digest BLOB NOT NULL,
+        accepted INTEGER NOT NULL, duplicates INTEGER NOT NULL, recorded_at REAL NOT NULL
+    ) WITHOUT ROWID
+    """,
 )
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from llm_cost_exporter.events import PricedEvent
 from llm_cost_exporter.ledger.base import (
+    BatchKey,
     BatchResult,
+    IdempotencyConflict,
     LatencyTotals,
     LedgerRejected,
     LedgerUnavailable,
@@ -36,6 +38,9 @@ INSERT INTO events (request_id, ts, department, project, provider, model,
     cache_write_1h, output, reasoning, cost_usd, priced, price_source, latency_seconds, source,
     recorded_at, estimated)
 VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+"""
+_INSERT_KEY = """
+INSERT INTO ingest_keys (key, digest, accepted, duplicates, recorded_at) VALUES (?,?,?,?,?)
 """
 _UPSERT_TOTALS = """
 INSERT INTO totals (department, project, provider, model, outcome, requests, input, cache_read,
@@ -139,11 +144,13 @@ class SQLiteLedger:
         return totals
 
     # -- writes ---------------------------------------------------------------------------
-    def record(self, batches: Sequence[Sequence[PricedEvent]]) -> list[BatchResult | Exception]:
+    def record(self, batches: Sequence[Sequence[PricedEvent]],
+               keys: Sequence[BatchKey | None] | None = None) -> list[BatchResult | Exception]:
         with self._write_lock:
-            return self._record(batches)
+            return self._record(batches, keys or [None] * len(batches))
 
-    def _record(self, batches: Sequence[Sequence[PricedEvent]]) -> list[BatchResult | Exception]:
+    def _record(self, batches: Sequence[Sequence[PricedEvent]],
+                keys: Sequence[BatchKey | None]) -> list[BatchResult | Exception]:
         conn = self._writer
         now = time.time()
         results: list[BatchResult | Exception] = []
@@ -157,11 +164,21 @@ class SQLiteLedger:
             # One batch: the transaction itself is its all-or-nothing boundary. Several: a
             # savepoint each, so a failing batch does not take its neighbours down.
             savepoints = len(batches) > 1
-            for batch in batches:
+            for batch, key in zip(batches, keys, strict=True):
+                if key is not None:
+                    # Inside this transaction: also sees a key an earlier batch of this
+                    # same commit stored (a failed batch's savepoint took its key away).
+                    earlier = _stored_key(conn, key)
+                    if earlier is not None:  # a retry (or a reused key): nothing is written
+                        results.append(earlier)
+                        continue
                 if savepoints:
                     conn.execute("SAVEPOINT batch")
                 try:
                     result, b_series, b_latency = self._write_batch(conn, batch, now)
+                    if key is not None:
+                        conn.execute(_INSERT_KEY, (key.key, key.digest, result.accepted,
+                                                   result.duplicates, now))
                 except (sqlite3.Error, ValueError, OverflowError) as exc:
                     # A database error makes the ledger unavailable; a value it cannot store
                     # (out of range) rejects this batch only. Either way, nothing of it stays.
@@ -358,6 +375,17 @@ class SQLiteLedger:
             self._checkpointer.close()
             self._reader.close()
             self._writer.close()
+
+
+def _stored_key(conn: sqlite3.Connection, key: BatchKey) -> BatchResult | Exception | None:
+    """The first result of a batch sent with this key before, or None if the key is new."""
+    row = conn.execute("SELECT digest, accepted, duplicates FROM ingest_keys WHERE key = ?",
+                       (key.key,)).fetchone()
+    if row is None:
+        return None
+    if row[0] != key.digest:
+        return IdempotencyConflict("Idempotency-Key was already used for a different body")
+    return BatchResult(row[1], row[2], (), replayed=True)
 
 
 def _if_differs(raw: str, label: str) -> str | None:
