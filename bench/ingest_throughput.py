@@ -62,6 +62,7 @@ local threads = {}
 local nthreads = 0
 local run = os.getenv("BENCH_RUN") or "run"
 local random_ids = os.getenv("BENCH_IDS") == "random"
+local batch_keys = os.getenv("BENCH_IDS") == "key"
 
 function setup(thread)
   nthreads = nthreads + 1
@@ -78,6 +79,10 @@ end
 function request()
   counter = counter + 1
   sent = sent + 1
+  if batch_keys then
+    -- one Idempotency-Key per request instead of a request_id per event
+    wrk.headers["Idempotency-Key"] = run .. "-" .. tid .. "-" .. counter
+  end
   if nslots > 0 then
     local c = run .. "-" .. tid .. "-" .. counter
     if random_ids then
@@ -225,16 +230,17 @@ def main() -> int:
     p.add_argument("--threads", "-t", type=int, default=1, help="wrk threads")
     p.add_argument("--batch", type=int, default=100, help="events per batch request")
     p.add_argument("--rounds", type=int, default=1, help="alternate floor/ours this many times")
-    p.add_argument("--ids", choices=["random", "sequential", "none"], default="random",
+    p.add_argument("--ids", choices=["random", "sequential", "key", "none"], default="random",
                    help="request_id per event: random head like a UUID (default), "
-                        "sequential (cheap for the index), or none (no idempotency key)")
+                        "sequential (cheap for the index); key: no request_id, one "
+                        "Idempotency-Key header per request; none: neither")
     p.add_argument("--profile", metavar="DIR",
                    help="after the measured runs, profile the exporter with py-spy (extra runs)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (ledger, logs)")
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    unique = args.ids != "none"
+    unique = args.ids in ("random", "sequential")
     lua_single = write_lua(tmp / "single.lua", body_pieces(1, unique))
     lua_batch = write_lua(tmp / "batch.lua", body_pieces(args.batch, unique))
     single_bytes = len(sample_body(body_pieces(1, unique)))
@@ -250,7 +256,8 @@ def main() -> int:
     print(f"# ingest throughput: wrk -t{args.threads} -c{args.connections}, {args.seconds}s per "
           f"run, {args.rounds} round(s); single body {single_bytes} B, batch body "
           f"{batch_bytes} B ({args.batch} events); request_id "
-          f"{'unique per event, ' + args.ids if unique else 'absent'}")
+          f"{'unique per event, ' + args.ids if unique else 'absent'}"
+          f"{'; an Idempotency-Key per request' if args.ids == 'key' else ''}")
     print(f"# python {sys.version.split()[0]}; temp dir {tmp}")
 
     runs: list[Run] = []

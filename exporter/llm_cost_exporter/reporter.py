@@ -6,12 +6,15 @@
     reporter.report_response("openai", response)
 
 `report*()` never blocks and never raises: events go to a bounded in-memory queue that a
-background thread sends in batches, retrying with backoff. Each event gets a `request_id`
-when it is reported, so a batch that is retried after a lost answer is counted once.
+background thread sends in batches, retrying with backoff. Each batch is sent with its own
+`Idempotency-Key` and the same bytes on every retry, so a batch retried after a lost answer
+is counted once (the exporter replays its first answer). That costs the ledger one index
+entry per batch; a random request_id per event would cost one per event.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -56,7 +59,6 @@ class UsageReporter:
         latency_seconds, status, request_id, timestamp)."""
         try:
             event: dict[str, Any] = {**self._defaults, "provider": provider, **fields}
-            event.setdefault("request_id", str(uuid.uuid4()))
             event.setdefault("timestamp", datetime.now(UTC).isoformat())
             if model is not None:
                 event["model"] = model
@@ -127,9 +129,21 @@ class UsageReporter:
 
     def _deliver(self, client: Any, batch: list[dict[str, Any]]) -> None:
         backoff = 0.1
+        # One key and one serialization for every attempt: the key is bound to the bytes.
+        try:
+            body = json.dumps(batch, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:  # a value JSON cannot carry: no retry helps
+            if len(batch) > 1:
+                for event in batch:
+                    self._deliver(client, [event])
+                return
+            self.rejected += 1
+            log.error("usage reporter: event not sendable as JSON (%s)", type(exc).__name__)
+            return
+        headers = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex}
         while not self._closed.is_set():
             try:
-                response = client.post(self._endpoint, json=batch)
+                response = client.post(self._endpoint, content=body, headers=headers)
             except Exception as exc:  # unreachable, timeout: keep the batch, try again
                 log.warning("usage reporter: exporter unreachable (%s)", type(exc).__name__)
             else:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import http.server
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -55,6 +59,65 @@ def test_a_bad_event_does_not_sink_its_batch(
     assert (reporter.sent, reporter.rejected) == (2, 1)
     assert metric_value(exporter.metrics(), "llm_tokens_total", department="d", project="p",
                         token_type="input") == 40
+
+
+@contextmanager
+def answer_losing_relay(target: str, lose: int) -> Iterator[tuple[str, list[str | None]]]:
+    """A relay in front of the exporter that forwards every request but, for the first
+    `lose` of them, drops the connection instead of answering: the batch is committed and
+    the client never learns it. Yields its URL and the Idempotency-Key of every request."""
+    keys: list[str | None] = []
+
+    class Relay(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            keys.append(self.headers.get("Idempotency-Key"))
+            forwarded = httpx.post(target + self.path, content=body, headers={
+                k: v for k, v in self.headers.items() if k.lower() != "host"})
+            if len(keys) <= lose:
+                self.close_connection = True
+                self.connection.close()  # the answer is lost on the way back
+                return
+            self.send_response(forwarded.status_code)
+            for name in ("Content-Type", "Idempotent-Replayed"):
+                if name in forwarded.headers:
+                    self.send_header(name, forwarded.headers[name])
+            self.send_header("Content-Length", str(len(forwarded.content)))
+            self.end_headers()
+            self.wfile.write(forwarded.content)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", keys
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_batch_whose_answer_was_lost_is_counted_once(
+        exporter_factory: Callable[..., ExporterProcess]) -> None:
+    exporter = exporter_factory({})
+    with answer_losing_relay(exporter.url, lose=2) as (url, keys):
+        reporter = UsageReporter(url, department="d", project="p", batch_size=25,
+                                 flush_interval=0.05, max_backoff=0.05)
+        for _ in range(25):
+            reporter.report("openai", model="gpt-4o", tokens={"input": 100, "output": 10})
+        assert reporter.flush(timeout=20)
+        reporter.close()
+    # One batch, sent three times under one key: committed by the first attempt, replayed
+    # by the other two.
+    assert len(keys) == 3 and keys[0] is not None and len(set(keys)) == 1
+    assert (reporter.sent, reporter.dropped, reporter.rejected) == (25, 0, 0)
+    text = exporter.metrics()
+    assert metric_value(text, "llm_requests_total", department="d", project="p") == 25
+    # 25 x (100 x $2.50 + 10 x $10.00) / 1e6 = 25 x $0.00035 = $0.00875
+    assert metric_value(text, "llm_cost_usd_total", department="d",
+                        project="p") == pytest.approx(0.00875, rel=1e-12)
 
 
 def test_full_queue_drops_instead_of_blocking() -> None:
