@@ -47,12 +47,17 @@ class LabelGuard:
         self._admitted: dict[str, set[str]] = {name: set() for name in GUARDED}
         self.overflow: Counter[str] = Counter()
         self._lock = threading.Lock()
+        # Raw (department, project, provider, model) -> labels, for label sets that passed
+        # whole: an admitted value stays admitted, so the answer cannot change until a
+        # reconfigure. Overflowing sets are never cached (each event must be counted).
+        self._cache: dict[tuple[str, str, str, str], SeriesLabels] = {}
 
     def reconfigure(self, max_values: int, known: dict[str, Iterable[str]]) -> None:
         """A reloaded config: new cap and known values; admitted values stay admitted."""
         with self._lock:
             self._max = max_values
             self._known = {name: frozenset(known.get(name, ())) for name in GUARDED}
+            self._cache = {}
 
     def seed(self, label: str, values: Iterable[str]) -> None:
         """Re-admit values already in the ledger, so a restart keeps the same series."""
@@ -76,13 +81,23 @@ class LabelGuard:
         return OVERFLOW
 
     def labels_for(self, event: UsageEvent) -> SeriesLabels:
+        raw = (event.attribution.department, event.attribution.project, event.provider,
+               event.model)
+        cached = self._cache.get(raw)
+        if cached is not None:
+            return cached
         with self._lock:
-            return SeriesLabels(
-                department=self._map("department", event.attribution.department),
-                project=self._map("project", event.attribution.project),
-                provider=self._map("provider", event.provider),
-                model=self._map("model", event.model),
+            labels = SeriesLabels(
+                department=self._map("department", raw[0]),
+                project=self._map("project", raw[1]),
+                provider=self._map("provider", raw[2]),
+                model=self._map("model", raw[3]),
             )
+            if (labels.department, labels.project, labels.provider, labels.model) == raw:
+                if len(self._cache) >= 50_000:  # bounded: combinations can outgrow values
+                    self._cache.clear()
+                self._cache[raw] = labels
+            return labels
 
     def scope_of(self, attribution: Attribution) -> tuple[str, str]:
         """(department, project) as they will be exported: what budgets are checked on."""
