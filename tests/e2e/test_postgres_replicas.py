@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from llm_cost_exporter.ledger import pg_migrations
+
 from conftest import ExporterProcess, metric_value
 from helpers.postgres import count_events, replica_config
 
@@ -112,8 +114,10 @@ def test_migrate_and_copy_a_sqlite_ledger(exporter_factory: Callable[..., Export
                                                     budgets=BUDGETS)))
     first, second = cli("migrate", "--config", str(config)), cli("migrate", "--config",
                                                                   str(config))
-    assert first.returncode == 0 and "schema version 0 -> 1" in first.stdout, first.stderr
-    assert second.returncode == 0 and "schema version 1, up to date" in second.stdout
+    latest = len(pg_migrations.MIGRATIONS)
+    assert first.returncode == 0 and f"schema version 0 -> {latest}" in first.stdout, \
+        first.stderr
+    assert second.returncode == 0 and f"schema version {latest}, up to date" in second.stdout
     copy = cli("copy-ledger", "--from-sqlite", str(tmp_path / "sidecar.db"), "--config",
                str(config))
     assert copy.returncode == 0, copy.stderr

@@ -24,7 +24,15 @@ from llm_cost_exporter.events import (
     TokenCounts,
     UsageEvent,
 )
-from llm_cost_exporter.ledger import BatchResult, LedgerUnavailable, SeriesKey, pg_migrations
+from llm_cost_exporter.ledger import (
+    BatchKey,
+    BatchResult,
+    IdempotencyConflict,
+    LedgerRejected,
+    LedgerUnavailable,
+    SeriesKey,
+    pg_migrations,
+)
 from llm_cost_exporter.ledger.pg_instance import InstanceInUse
 from llm_cost_exporter.ledger.postgres import PostgresLedger
 
@@ -240,3 +248,185 @@ def test_the_largest_event_ingest_accepts_fits(ledgers) -> None:
     assert ledger.record([[huge], [huge]]) == [BatchResult(1, 0), BatchResult(0, 1)]
     assert ledger.spend("eng", "app", *MARCH) == D(10_000_000)
     assert ledger.totals().series[KEY].output == 10**12
+
+
+# -- Idempotency-Keys ------------------------------------------------------------------------
+# Most keyed batches below carry events without request_id: without the key, a retry of
+# them would be counted again, so every count shows what the key did.
+
+
+def test_a_retry_with_the_same_key_and_body_is_a_replay(ledgers, pg_dsn: str) -> None:
+    ledger = ledgers("a")
+    key = BatchKey("order-42", b"body-1")
+    assert ledger.record([[ev(None), ev(None)]], [key]) == [BatchResult(2, 0)]
+    again = ledger.record([[ev(None), ev(None)]], [key])
+    assert again == [BatchResult(2, 0, replayed=True)]
+    assert isinstance(again[0], BatchResult) and again[0].written == ()
+    # Nothing of the replay was counted: 2 events × 100 input tokens, 2 × $0.50.
+    totals = ledger.totals().series[KEY]
+    assert (totals.requests, totals.input, totals.cost) == (2, 200, D("1.0"))
+    assert ledger.spend("eng", None, *MARCH) == D("1.0")
+    assert scalar(pg_dsn, "SELECT COUNT(*) FROM events") == 2
+    assert scalar(pg_dsn, "SELECT SUM(requests) FROM totals") == 2
+    # The first result is replayed as it was, duplicates included (r-1 twice: 2 new, 1 dup).
+    dup_key = BatchKey("order-43", b"body-2")
+    batch = [ev("r-1"), ev("r-1"), ev(None)]
+    assert ledger.record([batch], [dup_key]) == [BatchResult(2, 1)]
+    assert ledger.record([batch], [dup_key]) == [BatchResult(2, 1, replayed=True)]
+    # Keys are stored: still a replay after a restart.
+    ledger.close()
+    reopened = ledgers("a")
+    assert reopened.record([[ev(None), ev(None)]], [key]) == [BatchResult(2, 0, replayed=True)]
+    assert reopened.totals().series[KEY].requests == 4
+    assert scalar(pg_dsn, "SELECT COUNT(*) FROM events") == 4
+    assert scalar(pg_dsn, "SELECT string_agg(concat_ws(' ', key, accepted, duplicates, "
+                          "instance), ', ' ORDER BY key) FROM ingest_keys") == (
+        "order-42 2 0 a, order-43 2 1 a")
+    # keys: one per batch (None = no key), or None.
+    assert reopened.record([[ev(None)]], [None]) == [BatchResult(1, 0)]
+    with pytest.raises(ValueError, match="one entry per batch"):
+        reopened.record([[ev(None)], [ev(None)]], [key])
+
+
+def test_the_same_key_with_another_body_is_a_conflict(ledgers, pg_dsn: str) -> None:
+    ledger = ledgers("a")
+    assert ledger.record([[ev("c-1")]], [BatchKey("key-7f3a", b"body-1")]) == [
+        BatchResult(1, 0)]
+    results = ledger.record([[ev("c-2"), ev(None)], [ev("c-2")]],
+                            [BatchKey("key-7f3a", b"body-2"), None])
+    assert isinstance(results[0], IdempotencyConflict)
+    assert isinstance(results[0], LedgerRejected)
+    assert str(results[0]) == "Idempotency-Key was already used for a different body"
+    # The conflicting batch wrote nothing, so c-2 is new in the next batch of the commit.
+    assert results[1] == BatchResult(1, 0)
+    totals = ledger.totals().series[KEY]
+    assert (totals.requests, totals.cost) == (2, D("1.0"))
+    assert ledger.spend("eng", None, *MARCH) == D("1.0")
+    assert scalar(pg_dsn, "SELECT string_agg(request_id, ',' ORDER BY request_id) "
+                          "FROM events") == "c-1,c-2"
+    # The key keeps its first body and result.
+    assert scalar(pg_dsn, "SELECT digest FROM ingest_keys") == b"body-1"
+    assert ledger.record([[ev("c-1")]], [BatchKey("key-7f3a", b"body-1")]) == [
+        BatchResult(1, 0, replayed=True)]
+
+
+def test_a_key_is_shared_by_all_replicas(ledgers, pg_dsn: str) -> None:
+    a, b = ledgers("replica-a"), ledgers("replica-b")
+    key = BatchKey("sent-twice", b"body")
+    batch = [ev(None, cost="0.25"), ev(None, cost="0.25")]
+    assert a.record([batch], [key]) == [BatchResult(2, 0)]
+    # The client's retry reaches the other replica: a replay, counted by neither again.
+    assert b.record([batch], [key]) == [BatchResult(2, 0, replayed=True)]
+    assert a.totals().series[KEY].requests == 2
+    assert KEY not in b.totals().series
+    assert a.spend("eng", None, *MARCH) == b.spend("eng", "app", *MARCH) == D("0.50")
+    assert scalar(pg_dsn, "SELECT COUNT(*) FROM events") == 2
+    assert scalar(pg_dsn, "SELECT instance FROM ingest_keys") == "replica-a"
+    [conflict] = b.record([batch], [BatchKey("sent-twice", b"another body")])
+    assert isinstance(conflict, IdempotencyConflict)
+
+
+def test_racing_replicas_record_each_key_once(ledgers, pg_dsn: str) -> None:
+    a, b = ledgers("a"), ledgers("b")
+    keys = [BatchKey(f"race-{i}", b"same body") for i in range(40)]
+
+    def send(ledger: PostgresLedger, order: list[BatchKey]) -> list[BatchResult | Exception]:
+        return [result for key in order
+                for result in ledger.record([[ev(None, cost="0.01"), ev(None, cost="0.01")]],
+                                            [key])]
+
+    # Both replicas get every keyed batch at once, in opposite orders.
+    with ThreadPoolExecutor(2) as pool:
+        got = [pool.submit(send, a, keys), pool.submit(send, b, keys[::-1])]
+        results = [r for f in got for r in f.result(60)]
+    batch_results = [r for r in results if isinstance(r, BatchResult)]
+    assert len(batch_results) == len(results) == 80
+    assert {(r.accepted, r.duplicates) for r in batch_results} == {(2, 0)}
+    assert sum(not r.replayed for r in batch_results) == 40  # each key written once
+    counted = a.totals().series[KEY].requests + b.totals().series[KEY].requests
+    assert counted == 80 == scalar(pg_dsn, "SELECT COUNT(*) FROM events")
+    assert a.spend("eng", "app", *MARCH) == D("0.80")  # 40 batches × 2 × $0.01, once each
+
+
+def test_a_key_repeated_in_one_commit(ledgers, pg_dsn: str) -> None:
+    ledger = ledgers("a")
+    key = BatchKey("twice", b"body")
+    batch = [ev("t-1"), ev("t-1"), ev(None)]
+    results = ledger.record([batch, batch, [ev(None)]],
+                            [key, key, BatchKey("twice", b"other body")])
+    # Without the key the second batch would be BatchResult(1, 2); it replays the first.
+    assert results[:2] == [BatchResult(2, 1), BatchResult(2, 1, replayed=True)]
+    assert isinstance(results[2], IdempotencyConflict)
+    assert ledger.totals().series[KEY].requests == 2
+    assert scalar(pg_dsn, "SELECT COUNT(*) FROM events") == 2
+    assert scalar(pg_dsn, "SELECT COUNT(*) FROM ingest_keys") == 1
+
+
+def test_a_failing_batch_releases_its_key(ledgers, pg_dsn: str) -> None:
+    ledger = ledgers("a")
+    good = ev("f-1")
+    bad = replace(good, event=replace(good.event, request_id="f-2",
+                                      tokens=TokenCounts(input=10**20)))  # not a BIGINT
+    key = BatchKey("fix-and-retry", b"bad body")
+    [failed] = ledger.record([[good, bad]], [key])
+    assert isinstance(failed, LedgerUnavailable)
+    assert scalar(pg_dsn, "SELECT COUNT(*) FROM ingest_keys") == 0
+    # In one commit too: the next batch with that key (the fixed body) is new, not a replay.
+    fixed = BatchKey("fix-and-retry", b"fixed body")
+    results = ledger.record([[good, bad], [good, ev("f-3")]], [key, fixed])
+    assert isinstance(results[0], LedgerUnavailable) and results[1] == BatchResult(2, 0)
+    assert ledger.record([[good, ev("f-3")]], [fixed]) == [BatchResult(2, 0, replayed=True)]
+    totals = ledger.totals().series[KEY]
+    assert (totals.requests, totals.cost) == (2, D("1.0"))
+    assert scalar(pg_dsn, "SELECT COUNT(*) FROM events") == 2
+    assert scalar(pg_dsn, "SELECT digest FROM ingest_keys") == b"fixed body"
+
+
+@pytest.mark.parametrize("other_commits", [True, False])
+def test_a_key_claimed_by_another_open_transaction_waits_for_it(
+        ledgers, pg_dsn: str, other_commits: bool) -> None:
+    ledger = ledgers("a")
+    ledger.record([[ev("warm-up")]])
+    with psycopg.connect(pg_dsn) as other:  # another replica, mid-commit with the same key
+        other.execute("INSERT INTO ingest_keys (key, digest, accepted, duplicates, instance) "
+                      "VALUES ('in-flight', %s, 3, 1, 'b')", (b"body",))
+        results: list[object] = []
+        writer = threading.Thread(target=lambda: results.extend(ledger.record(
+            [[ev(None), ev(None)]], [BatchKey("in-flight", b"body")])))
+        writer.start()
+        writer.join(1.0)
+        assert writer.is_alive(), "the key claim should wait for the open transaction"
+        if other_commits:
+            other.commit()
+        else:
+            other.rollback()
+        writer.join(10)
+    # Committed there: a replay of its result here. Rolled back there: new here.
+    assert results == [BatchResult(3, 1, replayed=True) if other_commits else BatchResult(2, 0)]
+    assert scalar(pg_dsn, "SELECT COUNT(*) FROM events WHERE request_id IS NULL") == (
+        0 if other_commits else 2)
+    assert scalar(pg_dsn, "SELECT accepted FROM ingest_keys") == (3 if other_commits else 2)
+
+
+def test_migration_2_adds_ingest_keys_to_a_version_1_ledger(
+        ledgers, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as patch:  # the exporter before keys: schema version 1
+        patch.setattr(pg_migrations, "MIGRATIONS", pg_migrations.MIGRATIONS[:1])
+        old = ledgers("a")
+        assert old.schema_version == 1
+        assert old.record([[ev("v1")]]) == [BatchResult(1, 0)]
+        old.close()
+    assert scalar(pg_dsn, "SELECT to_regclass('ingest_keys') IS NULL") is True
+    upgraded = ledgers("a")
+    assert upgraded.schema_version == 2 == len(pg_migrations.MIGRATIONS)
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute(
+            "SELECT column_name, data_type, is_nullable FROM information_schema.columns "
+            "WHERE table_name = 'ingest_keys' ORDER BY ordinal_position").fetchall() == [
+            ("key", "text", "NO"), ("digest", "bytea", "NO"), ("accepted", "bigint", "NO"),
+            ("duplicates", "bigint", "NO"), ("instance", "text", "NO"),
+            ("recorded_at", "timestamp with time zone", "NO")]
+    assert upgraded.totals().series[KEY].requests == 1  # the data of version 1 is kept
+    key = BatchKey("after-upgrade", b"body")
+    assert upgraded.record([[ev("v1"), ev("v2")]], [key]) == [BatchResult(1, 1)]
+    assert upgraded.record([[ev("v1"), ev("v2")]], [key]) == [BatchResult(1, 1, replayed=True)]

@@ -61,6 +61,18 @@ MIGRATIONS: tuple[str, ...] = (
     -- after a failover fails it).
     CREATE TABLE health (instance TEXT PRIMARY KEY, checked_at TIMESTAMPTZ NOT NULL)
     """,
+    # 2: Idempotency-Keys of ingest batches (pg_keys.py), with the result each batch had the
+    #    first time. Shared by all replicas: a retry that reaches another replica is still a
+    #    replay. `instance` is the replica that recorded the batch.
+    """
+    CREATE TABLE ingest_keys (
+        key TEXT PRIMARY KEY,
+        digest BYTEA NOT NULL,
+        accepted BIGINT NOT NULL, duplicates BIGINT NOT NULL,
+        instance TEXT NOT NULL,
+        recorded_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    )
+    """,
 )
 
 

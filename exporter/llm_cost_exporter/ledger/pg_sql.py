@@ -1,10 +1,17 @@
-"""SQL of the PostgreSQL ledger, and how one priced event becomes an `events` row."""
+"""SQL of the PostgreSQL ledger, and what one priced event becomes: an `events` row and
+its share of the totals, latency and spend rows."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from llm_cost_exporter.events import PricedEvent
+from llm_cost_exporter.ledger.base import LatencyTotals, SeriesKey, SeriesTotals
+
+SLOT_SECONDS = 900
+PICO = Decimal("1e12")
 
 SESSION_SETTINGS = (
     # A replica frozen inside a transaction (SIGSTOP, a paused VM) would hold spend-slot row
@@ -69,6 +76,13 @@ SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::numeric[])
 ON CONFLICT (department, project, slot) DO UPDATE SET cost_pico = s.cost_pico + excluded.cost_pico
 """
 
+# Idempotency-Keys (pg_keys.py): claimed before a batch's events are written, given the
+# batch's counts after them, in the batch's savepoint.
+CLAIM_KEY = ("INSERT INTO ingest_keys (key, digest, accepted, duplicates, instance)"
+             " VALUES (%s, %s, 0, 0, %s) ON CONFLICT (key) DO NOTHING RETURNING key")
+READ_KEY = "SELECT digest, accepted, duplicates FROM ingest_keys WHERE key = %s"
+SET_KEY_COUNTS = "UPDATE ingest_keys SET accepted = %s, duplicates = %s WHERE key = %s"
+
 LOAD_TOTALS = """
 SELECT department, project, provider, model, outcome, requests, input, cache_read,
     cache_write, output, reasoning, unpriced, cost_usd, estimated
@@ -82,6 +96,11 @@ WRITE_HEALTH = """
 INSERT INTO health (instance, checked_at) VALUES (%s, now())
 ON CONFLICT (instance) DO UPDATE SET checked_at = excluded.checked_at
 """
+
+
+def columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows -> one list per column: the array parameters of an unnest() statement."""
+    return [list(col) for col in zip(*rows, strict=True)]
 
 
 def pg_text(value: str | None) -> str | None:
@@ -110,3 +129,24 @@ def event_row(priced: PricedEvent) -> tuple[Any, ...]:
         tok.reasoning, priced.cost.total, priced.priced, pg_text(priced.price_source),
         ev.latency_seconds, ev.source, ev.estimated,
     )
+
+
+def add_event(priced: PricedEvent, series: dict[SeriesKey, SeriesTotals],
+              latency: dict[tuple[str, str], LatencyTotals],
+              spend: dict[tuple[str, str, int], int]) -> None:
+    """What one new event adds to a commit's totals, latency and spend rows."""
+    ev, lab, tok = priced.event, priced.labels, priced.event.tokens
+    cost = priced.cost.total
+    key = SeriesKey(lab.department, lab.project, lab.provider, lab.model, ev.outcome)
+    series.setdefault(key, SeriesTotals()).add(SeriesTotals(
+        1, tok.input, tok.cache_read, tok.cache_write, tok.output, tok.reasoning,
+        0 if priced.priced else 1, cost, int(ev.estimated)))
+    if ev.latency_seconds is not None:
+        latency.setdefault((lab.provider, lab.model), LatencyTotals()).observe(
+            ev.latency_seconds)
+    if cost:
+        # Rounded per event to pico-USD, exactly as the SQLite ledger does.
+        pico = int((cost * PICO).to_integral_value(ROUND_HALF_EVEN))
+        slot = int(ev.timestamp.timestamp() // SLOT_SECONDS) * SLOT_SECONDS
+        spend[(lab.department, lab.project, slot)] = spend.get(
+            (lab.department, lab.project, slot), 0) + pico

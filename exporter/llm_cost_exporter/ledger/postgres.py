@@ -8,6 +8,8 @@
 - `totals`/`latency_totals` are per replica (`instance`): /metrics shows this replica's own
   rows, kept in memory and loaded at start, so `sum()` over replicas counts an event once.
 - `spend_slots` is shared: every replica reads the same budget spend.
+- `ingest_keys` is shared: a retry with the same Idempotency-Key is a replay whichever
+  replica it reaches (pg_keys.py).
 
 The pool hands out only connections that answer (`check`), gives up quickly while the
 database is away (ingest gets 503 within POOL_TIMEOUT) and reconnects on the next request
@@ -22,7 +24,7 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -30,7 +32,9 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from llm_cost_exporter.events import PricedEvent
+from llm_cost_exporter.ledger import pg_keys
 from llm_cost_exporter.ledger.base import (
+    BatchKey,
     BatchResult,
     LatencyTotals,
     LedgerUnavailable,
@@ -45,17 +49,18 @@ from llm_cost_exporter.ledger.pg_sql import (
     INSERT_EVENTS,
     LOAD_LATENCY,
     LOAD_TOTALS,
+    PICO,
     SESSION_SETTINGS,
     UPSERT_LATENCY,
     UPSERT_TOTALS,
     WRITE_HEALTH,
+    add_event,
+    columns,
     event_row,
     pg_text,
 )
 
 log = logging.getLogger(__name__)
-SLOT_SECONDS = 900
-PICO = Decimal("1e12")
 # How long a request waits for a connection before the ledger counts as unavailable (503).
 POOL_TIMEOUT = 3.0
 # How long the pool keeps retrying one connection attempt in the background; the next
@@ -169,12 +174,16 @@ class PostgresLedger:
             log.warning("running totals re-read from the ledger after a lost connection")
 
     # -- writes ---------------------------------------------------------------------------
-    def record(self, batches: Sequence[Sequence[PricedEvent]]) -> list[BatchResult | Exception]:
+    def record(self, batches: Sequence[Sequence[PricedEvent]],
+               keys: Sequence[BatchKey | None] | None = None) -> list[BatchResult | Exception]:
+        """See Ledger.record; each attempt is one whole transaction, keys included."""
+        if keys is not None and len(keys) != len(batches):
+            raise ValueError("keys must have one entry per batch")
         with self._write_lock:
             self._recover()
             for attempt in range(3):
                 try:
-                    return self._record(batches)
+                    return self._record(batches, keys or [None] * len(batches))
                 except _RETRY_ERRORS as exc:
                     log.warning("ledger commit retried", extra={"error": str(exc),
                                                                 "attempt": attempt + 1})
@@ -189,20 +198,26 @@ class PostgresLedger:
                     raise LedgerUnavailable(f"ledger commit failed: {exc}") from exc
             raise LedgerUnavailable(f"ledger commit failed: {last}")
 
-    def _record(self, batches: Sequence[Sequence[PricedEvent]]) -> list[BatchResult | Exception]:
+    def _record(self, batches: Sequence[Sequence[PricedEvent]],
+                keys: Sequence[BatchKey | None]) -> list[BatchResult | Exception]:
+        # A keyed batch must know whether it holds its key before it writes anything, and
+        # must not keep the key if it fails: one savepoint per batch, not pipelined.
+        fast = all(key is None for key in keys)
         with self._pool.connection() as conn:
-            try:
-                # Fast path: every batch of this commit in one INSERT, pipelined: BEGIN and
-                # the INSERT go in one round trip, the totals, spend and COMMIT in another.
-                with conn.pipeline(), conn.transaction():
-                    results, delta = self._insert(conn, batches, savepoints=False)
-                    self._apply(conn, delta)
-            except _BATCH_ERRORS:
-                if conn.broken:
-                    raise
-                # Some batch is bad: again, one savepoint per batch, so only it fails.
+            if fast:
+                try:
+                    # Fast path: every batch of this commit in one INSERT, pipelined: BEGIN
+                    # and the INSERT in one round trip, the totals, spend and COMMIT in another.
+                    with conn.pipeline(), conn.transaction():
+                        results, delta = self._insert(conn, batches, keys, savepoints=False)
+                        self._apply(conn, delta)
+                except _BATCH_ERRORS:
+                    if conn.broken:
+                        raise
+                    fast = False  # some batch is bad: again, batch by batch, so only it fails
+            if not fast:
                 with conn.transaction():
-                    results, delta = self._insert(conn, batches, savepoints=True)
+                    results, delta = self._insert(conn, batches, keys, savepoints=True)
                     self._apply(conn, delta)
         # Only now, after COMMIT, do the new totals become visible to scrapes.
         with self._totals_lock:
@@ -210,13 +225,15 @@ class PostgresLedger:
         return results
 
     def _insert(self, conn: psycopg.Connection[Any], batches: Sequence[Sequence[PricedEvent]],
-                savepoints: bool) -> tuple[list[BatchResult | Exception], _Delta]:
+                keys: Sequence[BatchKey | None], savepoints: bool
+                ) -> tuple[list[BatchResult | Exception], _Delta]:
         # A request_id repeated inside this commit is a duplicate of its first occurrence;
         # `plans` marks, per position, the events that may be new.
         claimed: set[str] = set()
         plans: list[list[bool]] = []
-        outcomes: list[set[str] | Exception] = []
-        for batch in batches:
+        # Per batch: the request ids it inserted, or its final result (a replay, a failure).
+        outcomes: list[set[str] | BatchResult | Exception] = []
+        for batch, key in zip(batches, keys, strict=True):
             plan, local = [], set()
             for priced in batch:
                 rid = pg_text(priced.event.request_id)
@@ -228,21 +245,37 @@ class PostgresLedger:
                 claimed |= local
                 continue
             try:
-                with conn.transaction():  # SAVEPOINT: all or nothing for this batch
-                    inserted = self._insert_rows(conn, _pick(batch, plan))
+                outcome = self._insert_batch(conn, batch, plan, key)
             except _BATCH_ERRORS as exc:
                 if conn.broken:
                     raise
                 outcomes.append(LedgerUnavailable(f"batch not written: {exc}"))
                 continue
-            claimed |= local  # a failed batch claims nothing: a later copy may be new
-            outcomes.append(inserted)
+            if isinstance(outcome, set):
+                # Only a written batch claims its request ids: after a failure, a replay or
+                # a conflict, a later copy of them in this commit may be new.
+                claimed |= local
+            outcomes.append(outcome)
         if not savepoints:
             inserted = self._insert_rows(conn, [p for batch, plan in zip(batches, plans,
                                                                           strict=True)
                                                 for p in _pick(batch, plan)])
             outcomes = [inserted] * len(batches)
         return _tally(batches, plans, outcomes)
+
+    def _insert_batch(self, conn: psycopg.Connection[Any], batch: Sequence[PricedEvent],
+                      plan: list[bool], key: BatchKey | None
+                      ) -> set[str] | BatchResult | Exception:
+        with conn.transaction():  # SAVEPOINT: all or nothing for this batch, its key too
+            if key is not None:
+                earlier = pg_keys.claim(conn, key, self.instance)
+                if earlier is not None:
+                    return earlier  # nothing of this batch is written
+            inserted = self._insert_rows(conn, _pick(batch, plan))
+            if key is not None:
+                accepted = len(_new_positions(batch, plan, inserted))
+                pg_keys.store_counts(conn, key, accepted, len(batch) - accepted)
+            return inserted
 
     def _insert_rows(self, conn: psycopg.Connection[Any],
                      events: Sequence[PricedEvent]) -> set[str]:
@@ -251,7 +284,7 @@ class PostgresLedger:
         # Same order in every replica (by request_id): two commits that share request ids
         # take their row locks in the same order and cannot deadlock.
         rows = sorted((event_row(p) for p in events), key=lambda r: (r[0] is None, r[0] or ""))
-        cur = conn.execute(INSERT_EVENTS, [self.instance, *_columns(rows)])
+        cur = conn.execute(INSERT_EVENTS, [self.instance, *columns(rows)])
         return {rid for (rid,) in cur.fetchall() if rid is not None}
 
     def _apply(self, conn: psycopg.Connection[Any], delta: _Delta) -> None:
@@ -260,15 +293,15 @@ class PostgresLedger:
             rows = [(*key, t.requests, t.input, t.cache_read, t.cache_write, t.output,
                      t.reasoning, t.unpriced, t.cost, t.estimated)
                     for key, t in sorted(series.items())]
-            conn.execute(UPSERT_TOTALS, [self.instance, *_columns(rows)])
+            conn.execute(UPSERT_TOTALS, [self.instance, *columns(rows)])
         if latency:
             lat_rows = [(provider, model, "{" + ",".join(map(str, lat.counts)) + "}",
                          lat.total, lat.count)
                         for (provider, model), lat in sorted(latency.items())]
-            conn.execute(UPSERT_LATENCY, [self.instance, *_columns(lat_rows)])
+            conn.execute(UPSERT_LATENCY, [self.instance, *columns(lat_rows)])
         if spend:
             # Shared rows: sorted, so concurrent replicas lock them in the same order.
-            conn.execute(ADD_SPEND, _columns([(*key, pico)
+            conn.execute(ADD_SPEND, columns([(*key, pico)
                                               for key, pico in sorted(spend.items())]))
 
     # -- reads ----------------------------------------------------------------------------
@@ -332,17 +365,21 @@ class PostgresLedger:
             self._claim.close()
 
 
-def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
-    """Rows -> one list per column: the array parameters of an unnest() statement."""
-    return [list(col) for col in zip(*rows, strict=True)]
-
-
 def _pick(batch: Sequence[PricedEvent], plan: list[bool]) -> list[PricedEvent]:
     return [p for p, maybe_new in zip(batch, plan, strict=True) if maybe_new]
 
 
+def _new_positions(batch: Sequence[PricedEvent], plan: list[bool],
+                   inserted: set[str]) -> list[int]:
+    """Positions of the new events: inserted here, or without request_id (a request_id
+    already recorded, by any replica or earlier in this commit, is counted once)."""
+    rids = (pg_text(priced.event.request_id) for priced in batch)
+    return [position for position, (rid, maybe_new) in enumerate(zip(rids, plan, strict=True))
+            if maybe_new and (rid is None or rid in inserted)]
+
+
 def _tally(batches: Sequence[Sequence[PricedEvent]], plans: list[list[bool]],
-           outcomes: Sequence[set[str] | Exception]
+           outcomes: Sequence[set[str] | BatchResult | Exception]
            ) -> tuple[list[BatchResult | Exception], _Delta]:
     """Per batch: which events were new (inserted here) and what they add to the totals."""
     results: list[BatchResult | Exception] = []
@@ -350,38 +387,14 @@ def _tally(batches: Sequence[Sequence[PricedEvent]], plans: list[list[bool]],
     latency: dict[tuple[str, str], LatencyTotals] = {}
     spend: dict[tuple[str, str, int], int] = {}
     for batch, plan, inserted in zip(batches, plans, outcomes, strict=True):
-        if isinstance(inserted, Exception):
+        if not isinstance(inserted, set):  # a failure or a replay: adds nothing
             results.append(inserted)
             continue
-        written: list[int] = []
-        for position, (priced, maybe_new) in enumerate(zip(batch, plan, strict=True)):
-            rid = pg_text(priced.event.request_id)
-            if not maybe_new or (rid is not None and rid not in inserted):
-                continue  # same request_id already recorded (by any replica): count it once
-            written.append(position)
-            _add_event(priced, series, latency, spend)
+        written = _new_positions(batch, plan, inserted)
+        for position in written:
+            add_event(batch[position], series, latency, spend)
         results.append(BatchResult(len(written), len(batch) - len(written), tuple(written)))
     return results, (series, latency, spend)
-
-
-def _add_event(priced: PricedEvent, series: dict[SeriesKey, SeriesTotals],
-               latency: dict[tuple[str, str], LatencyTotals],
-               spend: dict[tuple[str, str, int], int]) -> None:
-    ev, lab, tok = priced.event, priced.labels, priced.event.tokens
-    cost = priced.cost.total
-    key = SeriesKey(lab.department, lab.project, lab.provider, lab.model, ev.outcome)
-    series.setdefault(key, SeriesTotals()).add(SeriesTotals(
-        1, tok.input, tok.cache_read, tok.cache_write, tok.output, tok.reasoning,
-        0 if priced.priced else 1, cost, int(ev.estimated)))
-    if ev.latency_seconds is not None:
-        latency.setdefault((lab.provider, lab.model), LatencyTotals()).observe(
-            ev.latency_seconds)
-    if cost:
-        # Rounded per event to pico-USD, exactly as the SQLite ledger does.
-        pico = int((cost * PICO).to_integral_value(ROUND_HALF_EVEN))
-        slot = int(ev.timestamp.timestamp() // SLOT_SECONDS) * SLOT_SECONDS
-        spend[(lab.department, lab.project, slot)] = spend.get(
-            (lab.department, lab.project, slot), 0) + pico
 
 
 def _merge(totals: Totals, delta: _Delta) -> None:
