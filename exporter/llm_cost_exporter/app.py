@@ -26,6 +26,7 @@ from llm_cost_exporter.events import Attribution
 from llm_cost_exporter.ingest import IngestError, idempotency_key, parse_events
 from llm_cost_exporter.ledger import (
     BatchKey,
+    BatchResult,
     IdempotencyConflict,
     Ledger,
     LedgerRejected,
@@ -96,6 +97,26 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
             state.stats.reject("too_large")
             return _error(413, "too_large",
                           f"body larger than {state.config.ingest.max_body_bytes} bytes")
+        errors: list[tuple[str, str]] = []
+        batch_key = None
+        try:
+            key = idempotency_key(request.headers.getlist("idempotency-key"))
+        except IngestError as exc:
+            errors += exc.errors
+        else:
+            if key is not None:
+                batch_key = BatchKey(_scoped(key, request.headers.get("authorization"),
+                                             state.config.ingest.tokens),
+                                     hashlib.blake2b(raw, digest_size=16).digest())
+        if batch_key is not None:
+            # A retry of a recorded batch gets its first answer before anything else runs:
+            # not re-validated (the rules may have been reloaded since), priced or labelled.
+            try:
+                earlier = await _lookup_key(state.ledger, batch_key)
+            except LedgerUnavailable as exc:
+                return _unavailable(state, exc)
+            if earlier is not None:
+                return _key_answer(state, earlier)
         try:
             body = json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
@@ -104,29 +125,21 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
             return _error(400, "invalid_json", f"body: not valid JSON ({message})"[:300])
         defaults = Attribution(state.config.default_department, state.config.default_project)
         try:
-            key = idempotency_key(request.headers.get("idempotency-key"))
             events = parse_events(body, defaults=defaults, now=state.clock.now(),
                                   limits=state.limits)
         except IngestError as exc:
+            errors += exc.errors
+        if errors:
             state.stats.reject("invalid")
             return JSONResponse(status_code=422, content={
                 "error": "invalid_usage",
                 "message": "nothing from this request was recorded; fix these fields",
-                "errors": [{"field": f, "message": m} for f, m in exc.errors[:100]],
+                "errors": [{"field": f, "message": m} for f, m in errors[:100]],
             })
-        # The key is bound to the exact bytes: a retry must send the same body again.
-        batch_key = None if key is None else BatchKey(
-            key, hashlib.blake2b(raw, digest_size=16).digest())
         try:
             result = await state.recorder.record(events, batch_key)
         except IdempotencyConflict as exc:
-            state.stats.reject("invalid")
-            return JSONResponse(status_code=422, content={
-                "error": "idempotency_key_reused",
-                "message": "nothing from this request was recorded",
-                "errors": [{"field": "Idempotency-Key", "message": f"{exc}: use a new key "
-                            "for a new batch, the same key only to retry the same body"}],
-            })
+            return _key_answer(state, exc)
         except LedgerRejected as exc:
             state.stats.reject("invalid")
             return JSONResponse(status_code=422, content={
@@ -135,19 +148,9 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
                 "errors": [{"field": "events", "message": f"a value is out of range ({exc})"}],
             })
         except LedgerUnavailable as exc:
-            state.stats.reject("unavailable")
-            state.stats.ledger_error()
-            log.error("ledger write failed", extra={"error": str(exc)})
-            return _error(503, "ledger_unavailable",
-                          "the ledger cannot be written; nothing was recorded, retry later",
-                          headers={"Retry-After": "5"})
+            return _unavailable(state, exc)
         state.stats.ledger_up = True
-        # A replay answers as the first time did (the IETF draft's and Stripe's convention),
-        # marked so that a client can tell.
-        return JSONResponse(status_code=202, content={"accepted": result.accepted,
-                                                      "duplicates": result.duplicates},
-                            headers={"Idempotent-Replayed": "true"} if result.replayed
-                            else None)
+        return _key_answer(state, result)
 
     @app.post("/-/reload")
     def reload(request: Request) -> Response:
@@ -207,6 +210,50 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
     # The proxy dispatch is always in front (cheap without upstreams), so that a reload can
     # add upstreams.
     return ExporterApp(app, state)
+
+
+def _scoped(key: str, authorization: str | None, tokens: tuple[str, ...]) -> str:
+    """Keys are per client, as the IETF draft has them: with ingest tokens configured, the
+    stored key starts with a hash of the caller's token (never the token itself), so two
+    teams that pick the same key do not replay each other's batches."""
+    if not tokens or not authorization:
+        return key
+    token = authorization[7:].strip().encode()  # auth already checked it is "Bearer <t>"
+    scope = hashlib.blake2b(token, digest_size=8, person=b"idem-key-scope").hexdigest()
+    return f"{scope}:{key}"
+
+
+async def _lookup_key(ledger: Ledger, key: BatchKey) -> BatchResult | IdempotencyConflict | None:
+    # A local SQLite read takes microseconds; a database across the network runs in a thread
+    # so the event loop never waits on it.
+    if getattr(ledger, "cheap_commits", False):
+        return ledger.lookup_key(key)
+    return await asyncio.to_thread(ledger.lookup_key, key)
+
+
+def _key_answer(state: ExporterState, result: BatchResult | IdempotencyConflict) -> Response:
+    if isinstance(result, IdempotencyConflict):
+        state.stats.reject("invalid")
+        return JSONResponse(status_code=422, content={
+            "error": "idempotency_key_reused",
+            "message": "nothing from this request was recorded",
+            "errors": [{"field": "Idempotency-Key", "message": f"{result}: use a new key for "
+                        "a new batch, the same key only to retry the same body"}],
+        })
+    # A replay answers as the first time did (the IETF draft's and Stripe's convention),
+    # marked so that a client can tell.
+    return JSONResponse(status_code=202, content={"accepted": result.accepted,
+                                                  "duplicates": result.duplicates},
+                        headers={"Idempotent-Replayed": "true"} if result.replayed else None)
+
+
+def _unavailable(state: ExporterState, exc: LedgerUnavailable) -> Response:
+    state.stats.reject("unavailable")
+    state.stats.ledger_error()
+    log.error("ledger write failed", extra={"error": str(exc)})
+    return _error(503, "ledger_unavailable",
+                  "the ledger cannot be written; nothing was recorded, retry later",
+                  headers={"Retry-After": "5"})
 
 
 def _reject_constant(name: str) -> Any:

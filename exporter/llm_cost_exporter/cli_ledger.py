@@ -62,5 +62,6 @@ def copy_ledger(source: Path, path: Path) -> int:
         ledger.close()
     print(f"copied {source} into {cfg.ledger.describe()}: {report.read} events read, "
           f"{report.copied} copied (${report.cost_copied.normalize():f}), "
-          f"{report.already_present} already present")
+          f"{report.already_present} already present, {report.keys_copied} Idempotency-Keys "
+          "copied")
     return 0

@@ -23,6 +23,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_REQUEST_ID = 256
 # Visible ASCII and spaces: what an HTTP header carries safely (UUIDs, ULIDs, hashes).
 _IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+# A bare key: no space, quote, comma or backslash (a comma is how proxies fold two headers).
+_BARE_KEY = re.compile(r'^[\x21\x23-\x2b\x2d-\x5b\x5d-\x7e]+$')
 MAX_LATENCY_SECONDS = 86_400.0
 
 
@@ -73,17 +75,44 @@ def parse_events(body: Any, *, defaults: Attribution, now: datetime,
     return events
 
 
-def idempotency_key(header: str | None) -> str | None:
-    """The Idempotency-Key header's key, or None. Both the bare form (`abc`, as Stripe's
-    API takes it) and the structured-field string of the IETF draft (`"abc"`) are read."""
-    if header is None:
+def idempotency_key(values: list[str]) -> str | None:
+    """The Idempotency-Key header's key (values: every such header of the request), or None.
+
+    Both the IETF draft's form, a structured-field string (`"abc"`, escapes `\\"` and
+    `\\\\`, no parameters), and the bare form Stripe's API takes (`abc`) are read, so that
+    `"abc"` and `abc` are the same key. Two headers, or two keys folded into one by a proxy
+    (`a, b`), are refused rather than guessed between.
+    """
+    if not values:
         return None
-    key = header.strip()
-    if len(key) >= 2 and key[0] == key[-1] == '"':
-        key = key[1:-1]
-    if not _IDEMPOTENCY_KEY.match(key) or not key.strip():
-        raise IngestError([("Idempotency-Key", "must be 1-255 visible ASCII characters")])
+    if len(values) > 1:
+        raise IngestError([("Idempotency-Key", "sent more than once: send one key")])
+    raw = values[0].strip()
+    key = _sf_string(raw) if raw.startswith('"') else raw
+    if key is None or not _IDEMPOTENCY_KEY.match(key) or not key.strip() or (
+            raw is key and not _BARE_KEY.match(key)):
+        raise IngestError([("Idempotency-Key", "must be one key of 1-255 visible ASCII "
+                                               "characters, bare or as a quoted string")])
     return key
+
+
+def _sf_string(raw: str) -> str | None:
+    """A structured-field string (RFC 8941 3.3.3) that is the whole value, unescaped."""
+    out: list[str] = []
+    i = 1
+    while i < len(raw):
+        char = raw[i]
+        if char == "\\":
+            if i + 1 == len(raw) or raw[i + 1] not in '"\\':
+                return None
+            out.append(raw[i + 1])
+            i += 2
+            continue
+        if char == '"':
+            return "".join(out) if i == len(raw) - 1 else None  # nothing may follow
+        out.append(char)
+        i += 1
+    return None  # no closing quote
 
 
 def _join(path: str, key: str) -> str:

@@ -105,7 +105,8 @@ def test_migrate_and_copy_a_sqlite_ledger(exporter_factory: Callable[..., Export
     # Two identical events without request_id are two calls: both must arrive, once each.
     batch = [event(rid, model, tokens) for rid, model, tokens in EVENTS] + [
         event(None, "gpt-4o", {"input": 1_000_000})] * 2
-    assert sidecar.post_usage(batch).json() == {"accepted": 8, "duplicates": 0}
+    moved = {"Idempotency-Key": "batch-before-the-move"}
+    assert sidecar.post_usage(batch, headers=moved).json() == {"accepted": 8, "duplicates": 0}
     sqlite_text = sidecar.metrics()
     sidecar.stop()
 
@@ -122,13 +123,20 @@ def test_migrate_and_copy_a_sqlite_ledger(exporter_factory: Callable[..., Export
                str(config))
     assert copy.returncode == 0, copy.stderr
     # 6.75 (r1..r6) + 2 × 2.50 = $11.75
-    assert "8 events read, 8 copied ($11.75), 0 already present" in copy.stdout
+    assert ("8 events read, 8 copied ($11.75), 0 already present, 1 Idempotency-Keys copied"
+            in copy.stdout)
     again = cli("copy-ledger", "--from-sqlite", str(tmp_path / "sidecar.db"), "--config",
                 str(config))
-    assert "8 events read, 0 copied ($0), 8 already present" in again.stdout, again.stderr
+    assert ("8 events read, 0 copied ($0), 8 already present, 0 Idempotency-Keys copied"
+            in again.stdout), again.stderr
     assert count_events(pg_dsn) == 8
 
     replica = exporter_factory(replica_config(pg_dsn, tmp_path, "sidecar-1", budgets=BUDGETS))
+    # The batch retried after the move (its answer was lost, say): a replay, not 8 more.
+    retry = replica.post_usage(batch, headers=moved)
+    assert retry.json() == {"accepted": 8, "duplicates": 0}
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert count_events(pg_dsn) == 8
     pg_text = replica.metrics()
     series = {**TEAM, "provider": "openai"}
     for model in ("gpt-4o", "gpt-4o-mini"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -145,14 +146,101 @@ def test_idempotency_key_reused_for_another_body_is_refused(client: TestClient) 
     assert (ok.status_code, ok.json()) == (202, {"accepted": 1, "duplicates": 0})
 
 
-@pytest.mark.parametrize("key", ["", "   ", '""', "x" * 256, "caf\u00e9", "a\tb"])
-def test_bad_idempotency_key_is_named(client: TestClient, key: str) -> None:
-    r = client.post("/v1/usage", json=ISSUE_EVENT,
-                    headers={"Idempotency-Key": key.encode("utf-8")})  # type: ignore[dict-item]
+KEY_ERROR = {"field": "Idempotency-Key", "message": "must be one key of 1-255 visible ASCII "
+                                                   "characters, bare or as a quoted string"}
+
+
+@pytest.mark.parametrize("key", ["", "   ", '""', '"', "x" * 256, "caf\u00e9", "a\tb", "a b",
+                                 "a, b", '"k";p=1', '"a\\x"'])
+def test_bad_idempotency_key_is_named_with_the_body_errors(client: TestClient,
+                                                             key: str) -> None:
+    headers = [("Idempotency-Key", key.encode("utf-8"))]
+    r = client.post("/v1/usage", json={**ISSUE_EVENT, "status": "maybe"},
+                    headers=headers)  # type: ignore[arg-type]
     assert r.status_code == 422
-    assert r.json()["errors"] == [{"field": "Idempotency-Key",
-                                   "message": "must be 1-255 visible ASCII characters"}]
+    # Every problem at once: the key's, and the body's own.
+    assert r.json()["errors"] == [KEY_ERROR, {
+        "field": "status", "message": "must be an HTTP status code or one of success, error, "
+                                      "client_closed"}]
     assert metric_value(metrics(client), "llm_requests_total", **SERIES) is None
+
+
+def test_two_idempotency_keys_are_refused(client: TestClient) -> None:
+    r = client.post("/v1/usage", json=ISSUE_EVENT, headers=[
+        ("Idempotency-Key", "a"), ("Idempotency-Key", "b")])  # type: ignore[arg-type]
+    assert (r.status_code, r.json()["errors"]) == (422, [
+        {"field": "Idempotency-Key", "message": "sent more than once: send one key"}])
+
+
+def test_quoted_and_bare_forms_and_escapes_name_the_same_key(client: TestClient) -> None:
+    event = {k: v for k, v in ISSUE_EVENT.items() if k != "request_id"}
+    body = json.dumps(event).encode()
+    first = client.post("/v1/usage", content=body, headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == 202 and "idempotent-replayed" not in first.headers
+    for form in ('"k-1"', "  k-1  "):
+        again = client.post("/v1/usage", content=body, headers={"Idempotency-Key": form})
+        assert again.headers["idempotent-replayed"] == "true", form
+    # A quote inside a key can only travel escaped in the quoted form.
+    quoted = client.post("/v1/usage", content=body, headers={"Idempotency-Key": '"a\\"b"'})
+    assert quoted.status_code == 202 and "idempotent-replayed" not in quoted.headers
+    assert client.post("/v1/usage", content=body, headers={
+        "Idempotency-Key": '"a\\"b"'}).headers["idempotent-replayed"] == "true"
+
+
+def test_a_replay_or_a_conflict_changes_no_label_state(tmp_path: Path,
+                                                       price_db: GenAIPricesDB) -> None:
+    with make_client(tmp_path, price_db, {"labels": {"max_values_per_label": 2}}) as c:
+        def send(project: str, key: str) -> int:
+            event = {"provider": "openai", "model": "gpt-4o", "project": project,
+                     "tokens": {"input": 10}}
+            return c.post("/v1/usage", json=event, headers={"Idempotency-Key": key}
+                          ).status_code
+        # The default project `unattributed` never appears: every event names its own.
+        assert send("cap-1", "k1") == 202
+        assert send("cap-2", "k1") == 422          # conflict: must not take a label slot
+        assert send("cap-3", "k3") == 202
+        assert [send("cap-3", "k3") for _ in range(5)] == [202] * 5  # replays
+        text = metrics(c)
+        assert metric_value(text, "llm_requests_total", project="cap-3") == 1
+        assert metric_value(text, "llm_requests_total", project="other") is None
+        assert metric_value(text, "llm_label_overflow_total", label="project") in (None, 0)
+
+
+def test_a_recorded_batch_is_replayed_even_after_stricter_rules(
+        tmp_path: Path, price_db: GenAIPricesDB) -> None:
+    event = {k: v for k, v in ISSUE_EVENT.items() if k != "request_id"}
+    body = json.dumps([event] * 3).encode()
+    headers = {"Idempotency-Key": "before-reload", "Content-Type": "application/json"}
+    with make_client(tmp_path, price_db) as c:
+        assert c.post("/v1/usage", content=body, headers=headers).status_code == 202
+    # The same ledger under a config that now refuses batches of more than 2 events.
+    with make_client(tmp_path, price_db, {"ingest": {"max_batch_events": 2}}) as c:
+        again = c.post("/v1/usage", content=body, headers=headers)
+        assert (again.status_code, again.json()) == (202, {"accepted": 3, "duplicates": 0})
+        assert again.headers["idempotent-replayed"] == "true"
+        assert metric_value(metrics(c), "llm_requests_total", **SERIES) == 3
+
+
+def test_idempotency_keys_are_per_ingest_token(tmp_path: Path, price_db: GenAIPricesDB) -> None:
+    team_a, team_b = "team-a-token-0123456789", "team-b-token-0123456789"
+    env = {"INGEST_TOKENS": f"{team_a},{team_b}"}
+    with make_client(tmp_path, price_db, {"ingest": {"tokens_env": "INGEST_TOKENS"}},
+                     env=env) as c:
+        event = {k: v for k, v in ISSUE_EVENT.items() if k != "request_id"}
+        replayed = []
+        for token in (team_a, team_b, team_a):
+            r = c.post("/v1/usage", json=[event], headers={
+                "Idempotency-Key": "batch-1", "Authorization": f"Bearer {token}"})
+            assert r.status_code == 202
+            replayed.append(r.headers.get("idempotent-replayed"))
+        # Two teams' batch-1 are two batches; team A's second send is a replay.
+        assert replayed == [None, None, "true"]
+        assert metric_value(metrics(c), "llm_requests_total", **SERIES) == 2
+    with sqlite3.connect(tmp_path / "ledger.db") as db:
+        keys = [k for (k,) in db.execute("SELECT key FROM ingest_keys ORDER BY key")]
+    assert len(keys) == 2 and all(k.endswith(":batch-1") for k in keys)
+    # The stored scope is a hash: no token appears in the ledger.
+    assert not any(team_a in k or team_b in k for k in keys)
 
 
 def test_batch_with_one_bad_event_writes_nothing(client: TestClient, tmp_path: Path) -> None:

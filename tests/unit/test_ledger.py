@@ -81,7 +81,10 @@ def test_idempotency_key_replays_conflicts_and_survives_reopen(tmp_path: Path) -
     ledger = SQLiteLedger(tmp_path / "l.db")
     k1, k1_other = BatchKey("k1", b"digest-a"), BatchKey("k1", b"digest-b")
     # Events without request ids: only the key can tell a retry from new usage.
+    assert ledger.lookup_key(k1) is None
     assert ledger.record([[ev(None), ev(None)]], [k1]) == [BatchResult(2, 0)]
+    assert ledger.lookup_key(k1) == BatchResult(2, 0, replayed=True)
+    assert isinstance(ledger.lookup_key(k1_other), IdempotencyConflict)
     assert ledger.record([[ev(None), ev(None)]], [k1]) == [BatchResult(2, 0, replayed=True)]
     [conflict] = ledger.record([[ev(None)]], [k1_other])
     assert isinstance(conflict, IdempotencyConflict)

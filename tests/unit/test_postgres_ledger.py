@@ -258,7 +258,11 @@ def test_the_largest_event_ingest_accepts_fits(ledgers) -> None:
 def test_a_retry_with_the_same_key_and_body_is_a_replay(ledgers, pg_dsn: str) -> None:
     ledger = ledgers("a")
     key = BatchKey("order-42", b"body-1")
+    assert ledger.lookup_key(key) is None
     assert ledger.record([[ev(None), ev(None)]], [key]) == [BatchResult(2, 0)]
+    # What the API asks before it parses a body again; any replica answers it.
+    assert ledgers("b").lookup_key(key) == BatchResult(2, 0, replayed=True)
+    assert isinstance(ledger.lookup_key(BatchKey("order-42", b"body-2")), IdempotencyConflict)
     again = ledger.record([[ev(None), ev(None)]], [key])
     assert again == [BatchResult(2, 0, replayed=True)]
     assert isinstance(again[0], BatchResult) and again[0].written == ()

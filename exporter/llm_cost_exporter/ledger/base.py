@@ -40,6 +40,16 @@ class BatchKey:
     digest: bytes
 
 
+def stored_key_result(key: BatchKey, digest: bytes, accepted: int, duplicates: int
+                      ) -> BatchResult | IdempotencyConflict:
+    """What a batch sent again under an already recorded key gets: a replay of the first
+    answer (same body) or a conflict (another body)."""
+    if bytes(digest) != key.digest:
+        # Never the key itself in the message: it is the client's, and may be logged.
+        return IdempotencyConflict("Idempotency-Key was already used for a different body")
+    return BatchResult(accepted, duplicates, (), replayed=True)
+
+
 class SeriesKey(NamedTuple):
     department: str
     project: str
@@ -130,6 +140,12 @@ class Ledger(Protocol):
 
         Raises LedgerUnavailable when nothing could be committed.
         """
+        ...
+
+    def lookup_key(self, key: BatchKey) -> BatchResult | IdempotencyConflict | None:
+        """The answer for a key already committed (see record), or None. A read only: lets
+        the API answer a retry before parsing, pricing or labelling its body again; record()
+        still decides inside its transaction."""
         ...
 
     def totals(self) -> Totals:

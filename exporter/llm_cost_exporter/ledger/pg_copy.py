@@ -4,7 +4,9 @@ Events go through PostgresLedger.record(), the same path as live traffic, so the
 the copying instance and the shared spend slots are recomputed from exactly the events that
 were new. A re-run (or a run after more events reached the SQLite file) copies only what is
 missing: events are unique on request_id, and an event recorded without one gets an id
-derived from its SQLite row, the same on every run.
+derived from its SQLite row, the same on every run. Idempotency-Keys go along (a key
+already in PostgreSQL is kept), so a client retrying a batch across the move is answered as
+a replay instead of being counted twice.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class CopyReport:
     copied: int = 0
     already_present: int = 0
     cost_copied: Decimal = Decimal(0)
+    keys_copied: int = 0
 
 
 def derived_request_id(row: tuple[Any, ...]) -> str:
@@ -51,6 +54,18 @@ def derived_request_id(row: tuple[Any, ...]) -> str:
     """
     digest = hashlib.sha256(repr(row).encode()).hexdigest()[:32]
     return f"sqlite:{digest}"
+
+
+def read_sqlite_keys(path: Path) -> list[tuple[str, bytes, int, int]]:
+    """(key, digest, accepted, duplicates) of every Idempotency-Key the SQLite file holds."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'ingest_keys'").fetchone():
+            return []  # a ledger from before keys existed
+        return conn.execute("SELECT key, digest, accepted, duplicates FROM ingest_keys"
+                            ).fetchall()
+    finally:
+        conn.close()
 
 
 def read_sqlite_events(path: Path, chunk: int = CHUNK_EVENTS) -> Iterator[list[PricedEvent]]:
@@ -114,4 +129,8 @@ def copy_sqlite_ledger(path: Path, ledger: Ledger,
         report.cost_copied += sum((events[i].cost.total for i in result.written), Decimal(0))
         if progress is not None:
             progress(report)
+    # After the events: a key must never stand in PostgreSQL for a batch that is not there.
+    import_keys = getattr(ledger, "import_keys", None)
+    if import_keys is not None:
+        report.keys_copied = import_keys(read_sqlite_keys(path))
     return report

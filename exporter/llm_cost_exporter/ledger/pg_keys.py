@@ -18,8 +18,19 @@ from typing import Any
 
 import psycopg
 
-from llm_cost_exporter.ledger.base import BatchKey, BatchResult, IdempotencyConflict
+from llm_cost_exporter.ledger.base import (
+    BatchKey,
+    BatchResult,
+    IdempotencyConflict,
+    stored_key_result,
+)
 from llm_cost_exporter.ledger.pg_sql import CLAIM_KEY, READ_KEY, SET_KEY_COUNTS
+
+# copy-ledger: keys of a SQLite ledger, one statement (arrays, as the event insert).
+IMPORT_KEYS = (
+    "INSERT INTO ingest_keys (instance, key, digest, accepted, duplicates) "
+    "SELECT %s, * FROM unnest(%s::text[], %s::bytea[], %s::bigint[], %s::bigint[]) "
+    "ON CONFLICT (key) DO NOTHING RETURNING key")
 
 
 def claim(conn: psycopg.Connection[Any], key: BatchKey,
@@ -35,11 +46,13 @@ def claim(conn: psycopg.Connection[Any], key: BatchKey,
         if row is not None:
             break
         # Gone in between (nothing deletes keys today, a clean-up job might): claim again.
-    digest, accepted, duplicates = row
-    if bytes(digest) != key.digest:
-        # Never the key itself in the message: it is the client's, and may be logged.
-        return IdempotencyConflict("Idempotency-Key was already used for a different body")
-    return BatchResult(accepted, duplicates, (), replayed=True)
+    return stored_key_result(key, *row)
+
+
+def lookup(conn: psycopg.Connection[Any], key: BatchKey
+           ) -> BatchResult | IdempotencyConflict | None:
+    row = conn.execute(READ_KEY, (key.key,)).fetchone()
+    return None if row is None else stored_key_result(key, *row)
 
 
 def store_counts(conn: psycopg.Connection[Any], key: BatchKey, accepted: int,

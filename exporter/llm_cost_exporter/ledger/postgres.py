@@ -36,6 +36,7 @@ from llm_cost_exporter.ledger import pg_keys
 from llm_cost_exporter.ledger.base import (
     BatchKey,
     BatchResult,
+    IdempotencyConflict,
     LatencyTotals,
     LedgerUnavailable,
     SeriesKey,
@@ -310,6 +311,21 @@ class PostgresLedger:
         replaces values, never changes them; see _merge)."""
         with self._totals_lock:
             return Totals(series=dict(self._totals.series), latency=dict(self._totals.latency))
+
+    def import_keys(self, rows: Sequence[tuple[str, bytes, int, int]]) -> int:
+        """copy-ledger: keys of another ledger, under this instance; existing keys kept."""
+        if not rows:
+            return 0
+        with self._pool.connection() as conn, conn.transaction():
+            cur = conn.execute(pg_keys.IMPORT_KEYS, [self.instance, *columns(rows)])
+            return len(cur.fetchall())
+
+    def lookup_key(self, key: BatchKey) -> BatchResult | IdempotencyConflict | None:
+        try:
+            with self._pool.connection() as conn:
+                return pg_keys.lookup(conn, key)
+        except (PoolTimeout, psycopg.Error) as exc:
+            raise LedgerUnavailable(f"ledger not readable: {exc}") from exc
 
     def spend(self, department: str, project: str | None, start: datetime,
               end: datetime) -> Decimal:

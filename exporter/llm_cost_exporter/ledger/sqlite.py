@@ -23,6 +23,7 @@ from llm_cost_exporter.ledger.base import (
     SeriesKey,
     SeriesTotals,
     Totals,
+    stored_key_result,
 )
 from llm_cost_exporter.ledger.migrations import migrate
 
@@ -330,6 +331,13 @@ class SQLiteLedger:
         with self._totals_lock:
             return Totals(series=dict(self._totals.series), latency=dict(self._totals.latency))
 
+    def lookup_key(self, key: BatchKey) -> BatchResult | IdempotencyConflict | None:
+        with self._read_lock:
+            try:
+                return _stored_key(self._reader, key)
+            except sqlite3.Error as exc:
+                raise LedgerUnavailable(f"ledger not readable: {exc}") from exc
+
     def spend(self, department: str, project: str | None, start: datetime,
               end: datetime) -> Decimal:
         lo, hi = int(start.timestamp()), int(end.timestamp())
@@ -377,15 +385,12 @@ class SQLiteLedger:
             self._writer.close()
 
 
-def _stored_key(conn: sqlite3.Connection, key: BatchKey) -> BatchResult | Exception | None:
+def _stored_key(conn: sqlite3.Connection, key: BatchKey
+                ) -> BatchResult | IdempotencyConflict | None:
     """The first result of a batch sent with this key before, or None if the key is new."""
     row = conn.execute("SELECT digest, accepted, duplicates FROM ingest_keys WHERE key = ?",
                        (key.key,)).fetchone()
-    if row is None:
-        return None
-    if row[0] != key.digest:
-        return IdempotencyConflict("Idempotency-Key was already used for a different body")
-    return BatchResult(row[1], row[2], (), replayed=True)
+    return None if row is None else stored_key_result(key, *row)
 
 
 def _if_differs(raw: str, label: str) -> str | None:
