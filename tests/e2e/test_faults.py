@@ -28,7 +28,7 @@ BATCH = 25
 TEST_DEADLINE_SECONDS = 120
 
 
-def _event(request_id: str, n: int, keyed: bool) -> dict[str, Any]:
+def _event(request_id: str, n: int, keyed: bool = False) -> dict[str, Any]:
     # Token counts vary with n so the counter sums check more than "how many". A keyed
     # client's events carry no request_id (its batches' Idempotency-Key is all the exporter
     # has to know a retry); their id travels in `user`, which the ledger stores, to check.
