@@ -163,3 +163,28 @@ def test_group_commit_answers_every_caller_after_commit(tmp_path: Path) -> None:
     assert count_events(tmp_path / "l.db") == 200
     # The first commit took one batch (or all); the rest shared the next one.
     assert queue.commits <= 2
+
+
+def test_wal_stays_bounded_under_writes_that_never_pause(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the writer's own checkpoint past the limit, a WAL under steady writes never
+    # restarts: random request_ids dirty one 4 KiB page each, so this loop alone would
+    # leave a WAL of about 30 batches x 400 events x 4 KiB = 48 MiB.
+    import random
+
+    from llm_cost_exporter.ledger import sqlite as sqlite_ledger
+
+    limit = 2 * 1024 * 1024
+    monkeypatch.setattr(sqlite_ledger, "WAL_LIMIT_BYTES", limit)
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    wal = tmp_path / "l.db-wal"
+    sizes = []
+    for b in range(30):
+        batch = [ev(f"{random.getrandbits(64):016x}-{b}-{i}") for i in range(400)]
+        assert ledger.record([batch]) == [BatchResult(400, 0)]
+        sizes.append(wal.stat().st_size)
+    # One commit past the limit at most (400 events x 4 KiB pages plus the tree above them).
+    assert max(sizes) < limit + 4 * 1024 * 1024, sizes
+    assert ledger.totals().series[KEY].requests == 12_000
+    ledger.close()
+    assert count_events(tmp_path / "l.db") == 12_000

@@ -28,6 +28,9 @@ from llm_cost_exporter.ledger.base import (
 from llm_cost_exporter.ledger.migrations import migrate
 
 SLOT_SECONDS = 900
+# Past this size the writer finishes the checkpoint itself between two commits (see
+# _bound_wal); below it the background checkpointer alone keeps up.
+WAL_LIMIT_BYTES = 64 * 1024 * 1024
 PICO = Decimal("1e12")
 # Largest pico-USD value bound in one statement: half of 2^63, so the sum SQLite computes
 # with the value already stored stays an integer far longer.
@@ -73,6 +76,8 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     conn.execute("PRAGMA cache_size=-16384")
     # Checkpoints run in their own thread (see _Checkpointer), not inside a commit.
     conn.execute("PRAGMA wal_autocheckpoint=0")
+    # After the WAL restarts from its beginning, the file is cut back to this size.
+    conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
     return conn
 
 
@@ -110,6 +115,7 @@ class _Checkpointer:
 class SQLiteLedger:
     def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
         self.path = path
+        self._wal = path.with_name(path.name + "-wal")
         path.parent.mkdir(parents=True, exist_ok=True)
         self._synchronous = synchronous
         # WAL + synchronous=NORMAL commits without fsync: cheap enough to run on the event
@@ -214,7 +220,28 @@ class SQLiteLedger:
         with self._totals_lock:
             self._totals.series.update(new_series)
             self._totals.latency.update(new_latency)
+        self._bound_wal()
         return results
+
+    def _bound_wal(self) -> None:
+        """Keep the WAL from growing while writes never pause.
+
+        The WAL only starts again from its beginning when a checkpoint has copied every frame
+        back. The background checkpointer runs while the writer appends, so under steady load
+        it never catches up, and the WAL (with its shared-memory index, which counts in RSS)
+        would grow without bound: about 4 KiB per event with random request_ids. Past the
+        limit the writer, which holds the write lock here so nothing is appended meanwhile,
+        copies the rest itself; its next transaction then restarts the WAL. The background
+        thread has already copied most of it, so this pause is short.
+        """
+        try:
+            size = self._wal.stat().st_size
+        except OSError:
+            return
+        if size > WAL_LIMIT_BYTES:
+            # BUSY (the background checkpoint is running) is fine: next commit tries again.
+            with contextlib.suppress(sqlite3.Error):
+                self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _write_batch(self, conn: sqlite3.Connection, batch: Sequence[PricedEvent], now: float
                      ) -> tuple[BatchResult, dict[SeriesKey, SeriesTotals],
