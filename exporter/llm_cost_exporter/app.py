@@ -142,10 +142,13 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
             return _key_answer(state, exc)
         except LedgerRejected as exc:
             state.stats.reject("invalid")
+            where = "events" if isinstance(body, list) else "body"
+            if exc.position is not None and isinstance(body, list):
+                where = f"events[{exc.position}]"
             return JSONResponse(status_code=422, content={
                 "error": "invalid_usage",
                 "message": "nothing from this request was recorded; fix these fields",
-                "errors": [{"field": "events", "message": f"a value is out of range ({exc})"}],
+                "errors": [{"field": where, "message": str(exc)}],
             })
         except LedgerUnavailable as exc:
             return _unavailable(state, exc)

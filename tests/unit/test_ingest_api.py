@@ -243,6 +243,27 @@ def test_idempotency_keys_are_per_ingest_token(tmp_path: Path, price_db: GenAIPr
     assert not any(team_a in k or team_b in k for k in keys)
 
 
+def test_a_cost_the_ledger_cannot_hold_names_its_event(tmp_path: Path,
+                                                     price_db: GenAIPricesDB) -> None:
+    (tmp_path / "pricing.yaml").write_text(
+        "models:\n  - {model: pricey, provider: vllm, input: 10000000, output: 1}\n")
+    with make_client(tmp_path, price_db, {"pricing": {"overrides": "pricing.yaml"}}) as c:
+        ok = {"provider": "vllm", "model": "pricey", "tokens": {"input": 1}}
+        # 1,000,000,000 tokens x $10,000,000 per 1M = $10,000,000,000,000 for one call: past
+        # what the spend slots hold (about 4.6 million USD per call), refused, not wrapped.
+        huge = {**ok, "tokens": {"input": 1_000_000_000}}
+        r = c.post("/v1/usage", json=[ok, huge], headers={"Idempotency-Key": "k"})
+        assert r.status_code == 422
+        assert r.json()["errors"] == [{"field": "events[1]", "message": (
+            "its cost is out of range (over 4.6 million USD for one call: check its token "
+            "counts)")}]
+        assert c.post("/v1/usage", json=huge).json()["errors"][0]["field"] == "body"
+        # Nothing was written, and the key was not used up.
+        assert metric_value(metrics(c), "llm_requests_total", model="pricey") is None
+        again = c.post("/v1/usage", json=[ok], headers={"Idempotency-Key": "k"})
+        assert (again.status_code, again.json()) == (202, {"accepted": 1, "duplicates": 0})
+
+
 def test_batch_with_one_bad_event_writes_nothing(client: TestClient, tmp_path: Path) -> None:
     good = {**ISSUE_EVENT, "request_id": "good"}
     bad = {**ISSUE_EVENT, "request_id": "bad",

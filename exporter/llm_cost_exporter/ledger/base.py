@@ -23,7 +23,20 @@ class LedgerUnavailable(RuntimeError):
 
 class LedgerRejected(ValueError):
     """A batch the ledger cannot store as it is (a value out of range): nothing of it was
-    written, and retrying it unchanged will not help."""
+    written, and retrying it unchanged will not help. `position` is the event's index in
+    its batch when the ledger knows which one."""
+
+    def __init__(self, message: str, position: int | None = None) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+class ValueOutOfRange(ValueError):
+    """Raised by a ledger while writing one event of a batch; becomes LedgerRejected."""
+
+    def __init__(self, position: int, what: str) -> None:
+        super().__init__(what)
+        self.position = position
 
 
 class IdempotencyConflict(LedgerRejected):

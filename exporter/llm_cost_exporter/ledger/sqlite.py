@@ -23,6 +23,7 @@ from llm_cost_exporter.ledger.base import (
     SeriesKey,
     SeriesTotals,
     Totals,
+    ValueOutOfRange,
     stored_key_result,
 )
 from llm_cost_exporter.ledger.migrations import migrate
@@ -193,7 +194,9 @@ class SQLiteLedger:
                         LedgerUnavailable(f"batch not written: {exc}")
                         if isinstance(exc, sqlite3.Error) and not isinstance(
                             exc, sqlite3.InterfaceError | sqlite3.DataError)
-                        else LedgerRejected(f"batch not stored: {type(exc).__name__}"))
+                        else LedgerRejected(str(exc) if isinstance(exc, ValueOutOfRange)
+                                            else f"a value is out of range ({type(exc).__name__})",
+                                            getattr(exc, "position", None)))
                     if not savepoints:
                         if isinstance(failure, LedgerUnavailable):
                             raise
@@ -292,7 +295,8 @@ class SQLiteLedger:
                 slot = (lab.department, lab.project, int(ts // SLOT_SECONDS) * SLOT_SECONDS)
                 pico = int((cost * PICO).to_integral_value(ROUND_HALF_EVEN))
                 if pico >= _SLOT_ROW_MAX:
-                    raise ValueError("cost out of range")
+                    raise ValueOutOfRange(position, "its cost is out of range (over 4.6 million "
+                                                    "USD for one call: check its token counts)")
                 summed = spend.get(slot, 0) + pico
                 if summed >= _SLOT_ROW_MAX:  # keep every bound value inside 64 bits
                     spend_rows.append((*slot, spend.pop(slot)))
