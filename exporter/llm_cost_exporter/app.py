@@ -220,7 +220,8 @@ def _scoped(key: str, authorization: str | None, tokens: tuple[str, ...]) -> str
     stored key starts with a hash of the caller's token (never the token itself), so two
     teams that pick the same key do not replay each other's batches."""
     if not tokens or not authorization:
-        return key
+        # Its own namespace: a key sent without a token can never name a token's key.
+        return f"-:{key}"
     token = authorization[7:].strip().encode()  # auth already checked it is "Bearer <t>"
     scope = hashlib.blake2b(token, digest_size=8, person=b"idem-key-scope").hexdigest()
     return f"{scope}:{key}"

@@ -104,7 +104,7 @@ def test_retry_is_counted_once(client: TestClient) -> None:
 
 
 def test_idempotency_key_makes_a_batch_retry_safe_without_request_ids(
-        client: TestClient) -> None:
+        client: TestClient, tmp_path: Path) -> None:
     event = {k: v for k, v in ISSUE_EVENT.items() if k != "request_id"}
     body = json.dumps([event, event]).encode()  # two calls, no request_id: both are new
     headers = {"Idempotency-Key": "batch-7f3a", "Content-Type": "application/json"}
@@ -119,6 +119,10 @@ def test_idempotency_key_makes_a_batch_retry_safe_without_request_ids(
     quoted = client.post("/v1/usage", content=body,
                          headers={**headers, "Idempotency-Key": '"batch-7f3a"'})
     assert quoted.headers["idempotent-replayed"] == "true"
+    # Without ingest tokens keys live in their own namespace ("-:"), which no token's
+    # scope (16 hex digits) can name.
+    with sqlite3.connect(tmp_path / "ledger.db") as db:
+        assert db.execute("SELECT key FROM ingest_keys").fetchall() == [("-:batch-7f3a",)]
     text = metrics(client)
     assert metric_value(text, "llm_requests_total", **SERIES, outcome="success") == 2
     # 2 x $0.00808 (see test_issue_example_event_priced_on_metrics) = $0.01616
@@ -262,6 +266,26 @@ def test_a_cost_the_ledger_cannot_hold_names_its_event(tmp_path: Path,
         assert metric_value(metrics(c), "llm_requests_total", model="pricey") is None
         again = c.post("/v1/usage", json=[ok], headers={"Idempotency-Key": "k"})
         assert (again.status_code, again.json()) == (202, {"accepted": 1, "duplicates": 0})
+
+
+def test_a_batch_the_ledger_refuses_takes_no_label_slot(tmp_path: Path,
+                                                       price_db: GenAIPricesDB) -> None:
+    (tmp_path / "pricing.yaml").write_text(
+        "models:\n  - {model: pricey, provider: vllm, input: 10000000, output: 1}\n")
+    extra = {"pricing": {"overrides": "pricing.yaml"}, "labels": {"max_values_per_label": 2}}
+    with make_client(tmp_path, price_db, extra) as c:
+        def ev(project: str, tokens: int = 1) -> dict[str, Any]:
+            return {"provider": "vllm", "model": "pricey", "department": "engineering",
+                    "project": project, "tokens": {"input": tokens}}
+        refused = c.post("/v1/usage", json=[ev("big-a"), ev("big-b", 1_000_000_000)])
+        assert refused.status_code == 422
+        # Neither big-a nor big-b was recorded, so both slots are still free.
+        assert c.post("/v1/usage", json=[ev("p-1"), ev("p-2"), ev("p-3")]).status_code == 202
+        text = metrics(c)
+        assert [metric_value(text, "llm_requests_total", project=p) for p in
+                ("p-1", "p-2", "other", "big-a")] == [1, 1, 1, None]
+        # Overflow counts recorded events only: p-3's, not the refused batch's.
+        assert metric_value(text, "llm_label_overflow_total", label="project") == 1
 
 
 def test_batch_with_one_bad_event_writes_nothing(client: TestClient, tmp_path: Path) -> None:
