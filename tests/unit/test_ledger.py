@@ -172,10 +172,10 @@ def test_wal_stays_bounded_under_writes_that_never_pause(tmp_path: Path,
     # leave a WAL of about 30 batches x 400 events x 4 KiB = 48 MiB.
     import random
 
-    from llm_cost_exporter.ledger import sqlite as sqlite_ledger
+    from llm_cost_exporter.ledger import sqlite_wal
 
     limit = 2 * 1024 * 1024
-    monkeypatch.setattr(sqlite_ledger, "WAL_LIMIT_BYTES", limit)
+    monkeypatch.setattr(sqlite_wal, "WAL_LIMIT_BYTES", limit)
     ledger = SQLiteLedger(tmp_path / "l.db")
     wal = tmp_path / "l.db-wal"
     sizes = []

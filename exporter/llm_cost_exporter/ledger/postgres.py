@@ -55,11 +55,11 @@ from llm_cost_exporter.ledger.pg_sql import (
     UPSERT_LATENCY,
     UPSERT_TOTALS,
     WRITE_HEALTH,
-    add_event,
     columns,
     event_row,
     pg_text,
 )
+from llm_cost_exporter.ledger.pg_tally import Delta, merge, new_positions, pick, tally
 
 log = logging.getLogger(__name__)
 # How long a request waits for a connection before the ledger counts as unavailable (503).
@@ -73,9 +73,6 @@ _BATCH_ERRORS = (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingE
                  UnicodeError)
 # Lost a lock-ordering race with another replica: nothing was committed, try again.
 _RETRY_ERRORS = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
-
-_Delta = tuple[dict[SeriesKey, SeriesTotals], dict[tuple[str, str], LatencyTotals],
-               dict[tuple[str, str, int], int]]
 
 
 def connect_kwargs(dsn: str, instance: str) -> dict[str, Any]:
@@ -222,12 +219,12 @@ class PostgresLedger:
                     self._apply(conn, delta)
         # Only now, after COMMIT, do the new totals become visible to scrapes.
         with self._totals_lock:
-            _merge(self._totals, delta)
+            merge(self._totals, delta)
         return results
 
     def _insert(self, conn: psycopg.Connection[Any], batches: Sequence[Sequence[PricedEvent]],
                 keys: Sequence[BatchKey | None], savepoints: bool
-                ) -> tuple[list[BatchResult | Exception], _Delta]:
+                ) -> tuple[list[BatchResult | Exception], Delta]:
         # A request_id repeated inside this commit is a duplicate of its first occurrence;
         # `plans` marks, per position, the events that may be new.
         claimed: set[str] = set()
@@ -260,9 +257,9 @@ class PostgresLedger:
         if not savepoints:
             inserted = self._insert_rows(conn, [p for batch, plan in zip(batches, plans,
                                                                           strict=True)
-                                                for p in _pick(batch, plan)])
+                                                for p in pick(batch, plan)])
             outcomes = [inserted] * len(batches)
-        return _tally(batches, plans, outcomes)
+        return tally(batches, plans, outcomes)
 
     def _insert_batch(self, conn: psycopg.Connection[Any], batch: Sequence[PricedEvent],
                       plan: list[bool], key: BatchKey | None
@@ -272,9 +269,9 @@ class PostgresLedger:
                 earlier = pg_keys.claim(conn, key, self.instance)
                 if earlier is not None:
                     return earlier  # nothing of this batch is written
-            inserted = self._insert_rows(conn, _pick(batch, plan))
+            inserted = self._insert_rows(conn, pick(batch, plan))
             if key is not None:
-                accepted = len(_new_positions(batch, plan, inserted))
+                accepted = len(new_positions(batch, plan, inserted))
                 pg_keys.store_counts(conn, key, accepted, len(batch) - accepted)
             return inserted
 
@@ -288,7 +285,7 @@ class PostgresLedger:
         cur = conn.execute(INSERT_EVENTS, [self.instance, *columns(rows)])
         return {rid for (rid,) in cur.fetchall() if rid is not None}
 
-    def _apply(self, conn: psycopg.Connection[Any], delta: _Delta) -> None:
+    def _apply(self, conn: psycopg.Connection[Any], delta: Delta) -> None:
         series, latency, spend = delta
         if series:
             rows = [(*key, t.requests, t.input, t.cache_read, t.cache_write, t.output,
@@ -308,7 +305,7 @@ class PostgresLedger:
     # -- reads ----------------------------------------------------------------------------
     def totals(self) -> Totals:
         """A consistent snapshot: the dicts are copied, their values shared (a commit
-        replaces values, never changes them; see _merge)."""
+        replaces values, never changes them; see merge)."""
         with self._totals_lock:
             return Totals(series=dict(self._totals.series), latency=dict(self._totals.latency))
 
@@ -379,48 +376,3 @@ class PostgresLedger:
             self._pool.close()
         with contextlib.suppress(Exception):
             self._claim.close()
-
-
-def _pick(batch: Sequence[PricedEvent], plan: list[bool]) -> list[PricedEvent]:
-    return [p for p, maybe_new in zip(batch, plan, strict=True) if maybe_new]
-
-
-def _new_positions(batch: Sequence[PricedEvent], plan: list[bool],
-                   inserted: set[str]) -> list[int]:
-    """Positions of the new events: inserted here, or without request_id (a request_id
-    already recorded, by any replica or earlier in this commit, is counted once)."""
-    rids = (pg_text(priced.event.request_id) for priced in batch)
-    return [position for position, (rid, maybe_new) in enumerate(zip(rids, plan, strict=True))
-            if maybe_new and (rid is None or rid in inserted)]
-
-
-def _tally(batches: Sequence[Sequence[PricedEvent]], plans: list[list[bool]],
-           outcomes: Sequence[set[str] | BatchResult | Exception]
-           ) -> tuple[list[BatchResult | Exception], _Delta]:
-    """Per batch: which events were new (inserted here) and what they add to the totals."""
-    results: list[BatchResult | Exception] = []
-    series: dict[SeriesKey, SeriesTotals] = {}
-    latency: dict[tuple[str, str], LatencyTotals] = {}
-    spend: dict[tuple[str, str, int], int] = {}
-    for batch, plan, inserted in zip(batches, plans, outcomes, strict=True):
-        if not isinstance(inserted, set):  # a failure or a replay: adds nothing
-            results.append(inserted)
-            continue
-        written = _new_positions(batch, plan, inserted)
-        for position in written:
-            add_event(batch[position], series, latency, spend)
-        results.append(BatchResult(len(written), len(batch) - len(written), tuple(written)))
-    return results, (series, latency, spend)
-
-
-def _merge(totals: Totals, delta: _Delta) -> None:
-    """Publish a commit: new value objects, so snapshots handed out stay unchanged."""
-    series, latency, _ = delta
-    for key, value in series.items():
-        new = (totals.series.get(key) or SeriesTotals()).copy()
-        new.add(value)
-        totals.series[key] = new
-    for lkey, lvalue in latency.items():
-        lat = (totals.latency.get(lkey) or LatencyTotals()).copy()
-        lat.add(lvalue)
-        totals.latency[lkey] = lat

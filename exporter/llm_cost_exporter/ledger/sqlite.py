@@ -27,11 +27,9 @@ from llm_cost_exporter.ledger.base import (
     stored_key_result,
 )
 from llm_cost_exporter.ledger.migrations import migrate
+from llm_cost_exporter.ledger.sqlite_wal import Checkpointer, bound_wal, connect
 
 SLOT_SECONDS = 900
-# Past this size the writer finishes the checkpoint itself between two commits (see
-# _bound_wal); below it the background checkpointer alone keeps up.
-WAL_LIMIT_BYTES = 64 * 1024 * 1024
 PICO = Decimal("1e12")
 # Largest pico-USD value bound in one statement: half of 2^63, so the sum SQLite computes
 # with the value already stored stays an integer far longer.
@@ -67,52 +65,6 @@ ON CONFLICT (department, project, slot) DO UPDATE SET cost_pico = cost_pico + ex
 """
 
 
-def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
-    # Autocommit mode: transactions are explicit BEGIN/COMMIT, so a batch is never half-written.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute("PRAGMA busy_timeout=10000")
-    # The request_id index takes random keys: a bigger page cache keeps its hot pages.
-    conn.execute("PRAGMA cache_size=-16384")
-    # Checkpoints run in their own thread (see _Checkpointer), not inside a commit.
-    conn.execute("PRAGMA wal_autocheckpoint=0")
-    # After the WAL restarts from its beginning, the file is cut back to this size.
-    conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
-    return conn
-
-
-class _Checkpointer:
-    """Copies the WAL back into the database every second, off the commit path.
-
-    PASSIVE never blocks the writer or readers; it does what it can and the next round
-    does the rest. Without it (autocheckpoint is off) the WAL would grow without bound.
-    """
-
-    def __init__(self, path: Path, synchronous: str, interval: float = 1.0) -> None:
-        self._conn = _connect(path, synchronous)
-        self._stop = threading.Event()
-        self._interval = interval
-        self._thread = threading.Thread(target=self._run, name="ledger-checkpoint",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.checkpoint()
-
-    def checkpoint(self, mode: str = "PASSIVE") -> None:
-        # A full disk or a locked file: the next round tries again.
-        with contextlib.suppress(sqlite3.Error):
-            self._conn.execute(f"PRAGMA wal_checkpoint({mode})")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.checkpoint("TRUNCATE")
-        self._conn.close()
-
-
 class SQLiteLedger:
     def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
         self.path = path
@@ -126,10 +78,10 @@ class SQLiteLedger:
         self._read_lock = threading.Lock()
         self._totals_lock = threading.Lock()
         try:
-            self._writer = _connect(path, synchronous)
+            self._writer = connect(path, synchronous)
             self.schema_version = migrate(self._writer)
-            self._reader = _connect(path, synchronous)
-            self._checkpointer = _Checkpointer(path, synchronous)
+            self._reader = connect(path, synchronous)
+            self._checkpointer = Checkpointer(path, synchronous)
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"cannot open ledger {path}: {exc}") from exc
         self._totals = self._load_totals()
@@ -223,28 +175,8 @@ class SQLiteLedger:
         with self._totals_lock:
             self._totals.series.update(new_series)
             self._totals.latency.update(new_latency)
-        self._bound_wal()
+        bound_wal(self._wal, self._writer)
         return results
-
-    def _bound_wal(self) -> None:
-        """Keep the WAL from growing while writes never pause.
-
-        The WAL only starts again from its beginning when a checkpoint has copied every frame
-        back. The background checkpointer runs while the writer appends, so under steady load
-        it never catches up, and the WAL (with its shared-memory index, which counts in RSS)
-        would grow without bound: about 4 KiB per event with random request_ids. Past the
-        limit the writer, which holds the write lock here so nothing is appended meanwhile,
-        copies the rest itself; its next transaction then restarts the WAL. The background
-        thread has already copied most of it, so this pause is short.
-        """
-        try:
-            size = self._wal.stat().st_size
-        except OSError:
-            return
-        if size > WAL_LIMIT_BYTES:
-            # BUSY (the background checkpoint is running) is fine: next commit tries again.
-            with contextlib.suppress(sqlite3.Error):
-                self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _write_batch(self, conn: sqlite3.Connection, batch: Sequence[PricedEvent], now: float
                      ) -> tuple[BatchResult, dict[SeriesKey, SeriesTotals],
