@@ -88,9 +88,10 @@ def idempotency_key(values: list[str]) -> str | None:
     if len(values) > 1:
         raise IngestError([("Idempotency-Key", "sent more than once: send one key")])
     raw = values[0].strip()
-    key = _sf_string(raw) if raw.startswith('"') else raw
+    quoted = raw.startswith('"')
+    key = _sf_string(raw) if quoted else raw
     if key is None or not _IDEMPOTENCY_KEY.match(key) or not key.strip() or (
-            raw is key and not _BARE_KEY.match(key)):
+            not quoted and not _BARE_KEY.match(key)):
         raise IngestError([("Idempotency-Key", "must be one key of 1-255 visible ASCII "
                                                "characters, bare or as a quoted string")])
     return key

@@ -112,17 +112,14 @@ class LabelGuard:
         if cached is not None:
             return cached
         with self._lock:
-            before = (len(ticket.reserved), len(ticket.overflowed)) if ticket else (0, 0)
             labels = SeriesLabels(
                 department=self._map("department", raw[0], ticket, position),
                 project=self._map("project", raw[1], ticket, position),
                 provider=self._map("provider", raw[2], ticket, position),
                 model=self._map("model", raw[3], ticket, position),
             )
-            settled = ticket is None or before == (len(ticket.reserved),
-                                                   len(ticket.overflowed))
-            if settled and (labels.department, labels.project, labels.provider,
-                            labels.model) == raw and self._all_admitted(raw):
+            # All known or admitted: nothing was reserved or counted, and labels == raw.
+            if self._all_admitted(raw):
                 if len(self._cache) >= 50_000:  # bounded: combinations can outgrow values
                     self._cache.clear()
                 self._cache[raw] = labels

@@ -7,11 +7,13 @@ exporter replicas.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal as D
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -41,6 +43,24 @@ from helpers.postgres import PgServer
 TS = datetime(2026, 3, 14, 12, tzinfo=UTC)
 KEY = SeriesKey("eng", "app", "openai", "gpt-4o", "success")
 MARCH = (datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC))
+
+
+def record_behind(other: psycopg.Connection[Any], other_commits: bool,
+                  record: Callable[[], list[Any]]) -> list[Any]:
+    """Run `record` while `other` holds an open transaction it must wait for (it is still
+    waiting after 1 s), then end that transaction (commit or roll back) and return what
+    `record` returned."""
+    results: list[Any] = []
+    writer = threading.Thread(target=lambda: results.extend(record()))
+    writer.start()
+    writer.join(1.0)
+    assert writer.is_alive(), "the write should wait for the open transaction"
+    if other_commits:
+        other.commit()
+    else:
+        other.rollback()
+    writer.join(10)
+    return results
 
 
 def ev(request_id: str | None, cost: str = "0.5", tokens: int = 100,
@@ -166,16 +186,7 @@ def test_insert_waits_for_the_other_transaction_with_the_same_id(
             "reasoning, cost_usd, priced, price_source, source) VALUES ('same', now(), 'b', "
             "'eng', 'app', 'openai', 'gpt-4o', 'success', 1, 0, 0, 0, 0, 0, 0.5, true, 't', "
             "'ingest')")
-        results: list[object] = []
-        writer = threading.Thread(target=lambda: results.extend(ledger.record([[ev("same")]])))
-        writer.start()
-        writer.join(1.0)
-        assert writer.is_alive(), "the insert should wait for the open transaction"
-        if other_commits:
-            other.commit()
-        else:
-            other.rollback()
-        writer.join(10)
+        results = record_behind(other, other_commits, lambda: ledger.record([[ev("same")]]))
     # Committed elsewhere: a duplicate here. Rolled back there: new here. Never both or none.
     assert results == [BatchResult(0, 1) if other_commits else BatchResult(1, 0)]
     assert scalar(pg_dsn, "SELECT COUNT(*) FROM events WHERE request_id = 'same'") == 1
@@ -394,17 +405,8 @@ def test_a_key_claimed_by_another_open_transaction_waits_for_it(
     with psycopg.connect(pg_dsn) as other:  # another replica, mid-commit with the same key
         other.execute("INSERT INTO ingest_keys (key, digest, accepted, duplicates, instance) "
                       "VALUES ('in-flight', %s, 3, 1, 'b')", (b"body",))
-        results: list[object] = []
-        writer = threading.Thread(target=lambda: results.extend(ledger.record(
-            [[ev(None), ev(None)]], [BatchKey("in-flight", b"body")])))
-        writer.start()
-        writer.join(1.0)
-        assert writer.is_alive(), "the key claim should wait for the open transaction"
-        if other_commits:
-            other.commit()
-        else:
-            other.rollback()
-        writer.join(10)
+        results = record_behind(other, other_commits, lambda: ledger.record(
+            [[ev(None), ev(None)]], [BatchKey("in-flight", b"body")]))
     # Committed there: a replay of its result here. Rolled back there: new here.
     assert results == [BatchResult(3, 1, replayed=True) if other_commits else BatchResult(2, 0)]
     assert scalar(pg_dsn, "SELECT COUNT(*) FROM events WHERE request_id IS NULL") == (
