@@ -225,7 +225,7 @@ def py_spy_record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes] 
 
 
 # Leaf frames where py-spy still counts a thread that waits (GIL released in C).
-IDLE_HINTS = ("CommitQueue._run (commit_queue.py:44)", "Runner.run (runners.py:118)",
+IDLE_HINTS = ("CommitQueue._run (commit_queue.py:", "Runner.run (runners.py:118)",
               "Condition.wait", "select (selectors.py", "_worker (thread.py")
 
 

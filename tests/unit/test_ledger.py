@@ -8,6 +8,7 @@ from decimal import Decimal as D
 from pathlib import Path
 
 import pytest
+from msgspec.structs import replace
 
 from llm_cost_exporter.commit_queue import CommitQueue
 from llm_cost_exporter.events import (
@@ -188,3 +189,69 @@ def test_wal_stays_bounded_under_writes_that_never_pause(tmp_path: Path,
     assert ledger.totals().series[KEY].requests == 12_000
     ledger.close()
     assert count_events(tmp_path / "l.db") == 12_000
+
+
+def test_grouped_totals_match_a_recount_per_label_set_and_outcome(tmp_path: Path) -> None:
+    # The writer sums a batch per (labels, outcome) before it touches `totals`: mixed label
+    # sets, outcomes, zero-cost and capped ("other") events must land in their own rows.
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    batch = []
+    for i in range(60):
+        base = ev(None, cost="0.25" if i % 3 else "0", tokens=10 + i,
+                  outcome="error" if i % 3 == 1 else "success")
+        sent = f"new-{i}" if i % 5 == 0 else f"app{i % 2}"  # new-* went over the cap
+        event = replace(base.event, attribution=Attribution("eng", sent, user="alice"))
+        labels = SeriesLabels("eng", "other" if i % 5 == 0 else sent, "openai", "gpt-4o")
+        batch.append(PricedEvent(event=event, labels=labels, cost=base.cost,
+                                 price_source="test"))
+    assert ledger.record([batch]) == [BatchResult(60, 0)]
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        recount = {
+            SeriesKey(d, p, pr, m, o): (n, tok, D(0) + sum((D(c) for c in costs.split("|")),
+                                                           D(0)))
+            for d, p, pr, m, o, n, tok, costs in conn.execute(
+                "SELECT department, project, provider, model, outcome, COUNT(*), SUM(input),"
+                " GROUP_CONCAT(cost_usd, '|') FROM events GROUP BY 1, 2, 3, 4, 5")}
+        # The capped events keep their sent project in raw_project; the others store none.
+        raw = conn.execute("SELECT COUNT(*) FROM events WHERE raw_project IS NOT NULL"
+                           " AND raw_project LIKE 'new-%' AND project = 'other'").fetchone()
+        no_raw = conn.execute("SELECT COUNT(*) FROM events WHERE raw_project IS NULL"
+                              " AND raw_department IS NULL AND raw_model IS NULL").fetchone()
+    totals = ledger.totals().series
+    assert {k: (t.requests, t.input, t.cost) for k, t in totals.items()} == recount
+    assert len(recount) == 6  # {app0, app1, other} x {success, error}
+    # 12 events are "other": i % 5 == 0 for i in 0..59.
+    assert sum(t.requests for k, t in totals.items() if k.project == "other") == 12
+    assert (raw, no_raw) == ((12,), (48,))
+    # 20 events cost 0 (i % 3 == 0) and 40 cost $0.25: 40 x 0.25 = $10.00 in all.
+    assert sum(t.cost for t in totals.values()) == D("10.00")
+
+
+def test_small_batches_commit_on_the_loop_and_large_ones_on_the_writer(tmp_path: Path) -> None:
+    import asyncio
+    import threading
+
+    from llm_cost_exporter.commit_queue import INLINE_MAX_EVENTS
+
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    threads: list[int] = []
+    record = ledger.record
+
+    def spy(batches, keys=None):  # type: ignore[no-untyped-def]
+        threads.append(threading.get_ident())
+        return record(batches, keys)
+
+    ledger.record = spy  # type: ignore[method-assign]
+    queue = CommitQueue(ledger, inline=True)
+
+    async def main() -> tuple[int, list[BatchResult]]:
+        small = [ev(f"s{i}") for i in range(INLINE_MAX_EVENTS)]
+        large = [ev(f"l{i}") for i in range(INLINE_MAX_EVENTS + 1)]
+        return threading.get_ident(), [await queue.record(small), await queue.record(large)]
+
+    loop_thread, results = asyncio.run(main())
+    queue.close()
+    assert [r.accepted for r in results] == [INLINE_MAX_EVENTS, INLINE_MAX_EVENTS + 1]
+    assert threads[0] == loop_thread  # the small batch: committed by the loop itself
+    assert threads[1] != loop_thread  # the large one: by the ledger-writer thread
+    assert count_events(tmp_path / "l.db") == 2 * INLINE_MAX_EVENTS + 1

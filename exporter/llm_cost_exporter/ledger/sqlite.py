@@ -12,7 +12,7 @@ from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
-from llm_cost_exporter.events import PricedEvent
+from llm_cost_exporter.events import PricedEvent, SeriesLabels
 from llm_cost_exporter.ledger.base import (
     BatchKey,
     BatchResult,
@@ -184,15 +184,17 @@ class SQLiteLedger:
         seen = self._known_ids(conn, batch)
         written: list[int] = []
         rows: list[tuple[object, ...]] = []
-        # Per label set: requests, input, cache_read, cache_write, output, reasoning,
-        # unpriced, estimated; costs apart (Decimal). Plain lists: this loop is per event.
-        sums: dict[SeriesKey, list[int]] = {}
-        costs: dict[SeriesKey, Decimal] = {}
+        # Per (labels, outcome): requests, input, cache_read, cache_write, output, reasoning,
+        # unpriced, estimated, and the cost (Decimal). Plain lists keyed by the event's own
+        # label struct: this loop runs per event, the SeriesKeys are built once per group.
+        sums: dict[tuple[SeriesLabels, str], list[int]] = {}
+        costs: dict[tuple[SeriesLabels, str], Decimal] = {}
         latency: dict[tuple[str, str], LatencyTotals] = {}
         spend: dict[tuple[str, str, int], int] = {}
         spend_rows: list[tuple[str, str, int, int]] = []
         for position, priced in enumerate(batch):
-            ev, lab, tok = priced.event, priced.labels, priced.event.tokens
+            ev, lab = priced.event, priced.labels
+            tok, attribution = ev.tokens, ev.attribution
             rid = ev.request_id
             if rid is not None:
                 if rid in seen:
@@ -201,19 +203,21 @@ class SQLiteLedger:
             written.append(position)
             cost = priced.cost.total
             ts = ev.timestamp.timestamp()
+            department, project, model = lab.department, lab.project, lab.model
+            # raw_* columns only when the exported label differs (capped to "other").
             rows.append((
-                rid, ts, lab.department, lab.project, lab.provider, lab.model,
-                _if_differs(ev.attribution.department, lab.department),
-                _if_differs(ev.attribution.project, lab.project),
-                _if_differs(ev.model, lab.model), ev.attribution.user, ev.outcome,
+                rid, ts, department, project, lab.provider, model,
+                None if attribution.department == department else attribution.department,
+                None if attribution.project == project else attribution.project,
+                None if ev.model == model else ev.model, attribution.user, ev.outcome,
                 tok.input, tok.cache_read, tok.cache_write, tok.cache_write_1h, tok.output,
                 tok.reasoning, str(cost), int(priced.priced), priced.price_source,
                 ev.latency_seconds, ev.source, now, int(ev.estimated)))
-            key = SeriesKey(lab.department, lab.project, lab.provider, lab.model, ev.outcome)
-            acc = sums.get(key)
+            group = (lab, ev.outcome)
+            acc = sums.get(group)
             if acc is None:
-                acc = sums[key] = [0] * 8
-                costs[key] = Decimal(0)
+                acc = sums[group] = [0] * 8
+                costs[group] = Decimal(0)
             acc[0] += 1
             acc[1] += tok.input
             acc[2] += tok.cache_read
@@ -223,8 +227,8 @@ class SQLiteLedger:
             acc[6] += not priced.priced
             acc[7] += ev.estimated
             if cost:
-                costs[key] += cost
-                slot = (lab.department, lab.project, int(ts // SLOT_SECONDS) * SLOT_SECONDS)
+                costs[group] += cost
+                slot = (department, project, int(ts // SLOT_SECONDS) * SLOT_SECONDS)
                 pico = int((cost * PICO).to_integral_value(ROUND_HALF_EVEN))
                 if pico >= _SLOT_ROW_MAX:
                     raise ValueOutOfRange(position, "its cost is out of range (over 4.6 million "
@@ -235,17 +239,18 @@ class SQLiteLedger:
                     summed = pico
                 spend[slot] = summed
             if ev.latency_seconds is not None:
-                hist = latency.get((lab.provider, lab.model))
+                hist = latency.get((lab.provider, model))
                 if hist is None:
-                    hist = latency[(lab.provider, lab.model)] = LatencyTotals()
+                    hist = latency[(lab.provider, model)] = LatencyTotals()
                 hist.observe(ev.latency_seconds)
         # Plain INSERT: with one writer holding the transaction, the ids above are exactly
         # the new ones; a conflict here would be a bug, and fails the batch loudly.
         conn.executemany(_INSERT_EVENT, rows)
         spend_rows.extend((*slot, pico) for slot, pico in spend.items())
         conn.executemany(_ADD_SPEND, spend_rows)
-        series = {key: SeriesTotals(*acc[:7], cost=costs[key], estimated=acc[7])
-                  for key, acc in sums.items()}
+        series = {SeriesKey(lab.department, lab.project, lab.provider, lab.model, outcome):
+                  SeriesTotals(*acc[:7], cost=costs[(lab, outcome)], estimated=acc[7])
+                  for (lab, outcome), acc in sums.items()}
         result = BatchResult(len(written), len(batch) - len(written), tuple(written))
         return result, series, latency
 
@@ -354,10 +359,6 @@ def _stored_key(conn: sqlite3.Connection, key: BatchKey
     row = conn.execute("SELECT digest, accepted, duplicates FROM ingest_keys WHERE key = ?",
                        (key.key,)).fetchone()
     return None if row is None else stored_key_result(key, *row)
-
-
-def _if_differs(raw: str, label: str) -> str | None:
-    return raw if raw != label else None
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
