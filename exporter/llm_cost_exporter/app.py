@@ -10,7 +10,6 @@ import logging
 import signal
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -23,7 +22,7 @@ from llm_cost_exporter.auth import bearer_ok, metrics_auth_ok
 from llm_cost_exporter.clock import Clock
 from llm_cost_exporter.config import Config
 from llm_cost_exporter.events import Attribution
-from llm_cost_exporter.ingest import IngestError, idempotency_key, parse_events
+from llm_cost_exporter.ingest import IngestError, decode_body, idempotency_key, parse_events
 from llm_cost_exporter.ledger import (
     BatchKey,
     BatchResult,
@@ -118,7 +117,7 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
             if earlier is not None:
                 return _key_answer(state, earlier)
         try:
-            body = json.loads(raw, parse_constant=_reject_constant)
+            body = decode_body(raw)
         except (ValueError, RecursionError) as exc:
             state.stats.reject("invalid")
             message = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
@@ -258,10 +257,6 @@ def _unavailable(state: ExporterState, exc: LedgerUnavailable) -> Response:
     return _error(503, "ledger_unavailable",
                   "the ledger cannot be written; nothing was recorded, retry later",
                   headers={"Retry-After": "5"})
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _error(status: int, code: str, message: str,

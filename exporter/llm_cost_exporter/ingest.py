@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import msgspec
 
 from llm_cost_exporter.events import OUTCOMES, Attribution, TokenCounts, UsageEvent
 from llm_cost_exporter.labels import label_problem
@@ -47,6 +50,28 @@ class _Collector:
 
     def add(self, field: str, message: str) -> None:
         self.errors.append((field, message))
+
+
+_DECODER = msgspec.json.Decoder()
+
+
+def decode_body(raw: bytes) -> Any:
+    """The request body as JSON values; ValueError or RecursionError when it is not JSON.
+
+    msgspec's decoder first: it builds the same Python values at about half the cost of
+    json.loads (bench/ingest_stages.py). It accepts only strict UTF-8 JSON, so anything it
+    refuses (a lone surrogate escape, UTF-16, a huge exponent, NaN, deep nesting) is read
+    again by json.loads, whose answer, and error message, are then the ones given: either
+    way a body means what json.loads makes of it.
+    """
+    try:
+        return _DECODER.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return json.loads(raw, parse_constant=_reject_constant)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def parse_events(body: Any, *, defaults: Attribution, now: datetime,

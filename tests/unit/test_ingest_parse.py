@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llm_cost_exporter import ingest
 from llm_cost_exporter.events import Attribution
@@ -58,3 +61,53 @@ def test_parsed_events_are_immutable() -> None:
     with pytest.raises(AttributeError):
         parsed.tokens.input = 0  # type: ignore[misc]
     assert (parsed.model, parsed.tokens.input) == ("gpt-4o", 10)
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal values of the very same types, all the way down (1 is not 1.0 nor True)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)  # type: ignore[index]
+    if isinstance(a, list):
+        return len(a) == len(b) and all(  # type: ignore[arg-type]
+            _same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _reference(raw: bytes) -> object:
+    return json.loads(raw, parse_constant=ingest._reject_constant)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_values, st.booleans())
+def test_decode_body_reads_json_as_json_loads_does(value: object, ascii_only: bool) -> None:
+    raw = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    assert _same(ingest.decode_body(raw), _reference(raw))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=64) | st.sampled_from([
+    b'["\\ud800"]', b'["\\ud83d\\ude00"]', b'[1e999]', b'[NaN]', b'[-Infinity]',
+    b'{"a": 1, "a": 2}', b'[123456789012345678901234567890]', b'\xef\xbb\xbf[1]',
+    '[1]'.encode("utf-16"), b'["\xed\xa0\x80"]', b'[1.0, -0.0, 1E2]', b'  [ ]  ', b'[1,]']))
+def test_decode_body_agrees_with_json_loads_on_any_bytes(raw: bytes) -> None:
+    try:
+        expected = _reference(raw)
+    except (ValueError, RecursionError) as exc:
+        with pytest.raises(type(exc)):
+            ingest.decode_body(raw)
+        return
+    assert _same(ingest.decode_body(raw), expected)
+
+
+def test_deep_nesting_is_an_error_not_a_crash() -> None:
+    with pytest.raises(RecursionError):
+        ingest.decode_body(b"[" * 200_000)
