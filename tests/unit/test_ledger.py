@@ -255,3 +255,18 @@ def test_small_batches_commit_on_the_loop_and_large_ones_on_the_writer(tmp_path:
     assert threads[0] == loop_thread  # the small batch: committed by the loop itself
     assert threads[1] != loop_thread  # the large one: by the ledger-writer thread
     assert count_events(tmp_path / "l.db") == 2 * INLINE_MAX_EVENTS + 1
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 63, 64, 100, 127, 200])
+def test_row_inserter_writes_every_row_once_in_order(count: int) -> None:
+    from llm_cost_exporter.ledger.sqlite_rows import RowInserter
+
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, a INTEGER, b TEXT)")
+    inserter = RowInserter("INSERT INTO t (a, b)", 2)
+    inserter.insert(conn, [v for i in range(count) for v in (i, f"row-{i}")])
+    assert conn.execute("SELECT a, b FROM t ORDER BY id").fetchall() == [
+        (i, f"row-{i}") for i in range(count)]
+    with pytest.raises(ValueError, match="do not make rows of 2"):
+        inserter.insert(conn, [1, "a", 2])
+    assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (count,)  # nothing added

@@ -27,6 +27,7 @@ from llm_cost_exporter.ledger.base import (
     stored_key_result,
 )
 from llm_cost_exporter.ledger.migrations import migrate
+from llm_cost_exporter.ledger.sqlite_rows import RowInserter
 from llm_cost_exporter.ledger.sqlite_wal import Checkpointer, bound_wal, connect
 
 SLOT_SECONDS = 900
@@ -35,13 +36,11 @@ PICO = Decimal("1e12")
 # with the value already stored stays an integer far longer.
 _SLOT_ROW_MAX = 2**62
 
-_INSERT_EVENT = """
+_EVENTS = RowInserter("""
 INSERT INTO events (request_id, ts, department, project, provider, model,
     raw_department, raw_project, raw_model, user_name, outcome, input, cache_read, cache_write,
     cache_write_1h, output, reasoning, cost_usd, priced, price_source, latency_seconds, source,
-    recorded_at, estimated)
-VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
-"""
+    recorded_at, estimated)""", 24)
 _INSERT_KEY = """
 INSERT INTO ingest_keys (key, digest, accepted, duplicates, recorded_at) VALUES (?,?,?,?,?)
 """
@@ -183,7 +182,7 @@ class SQLiteLedger:
                                 dict[tuple[str, str], LatencyTotals]]:
         seen = self._known_ids(conn, batch)
         written: list[int] = []
-        rows: list[tuple[object, ...]] = []
+        rows: list[object] = []  # the events' values, one row after another
         # Per (labels, outcome): requests, input, cache_read, cache_write, output, reasoning,
         # unpriced, estimated, and the cost (Decimal). Plain lists keyed by the event's own
         # label struct: this loop runs per event, the SeriesKeys are built once per group.
@@ -205,7 +204,7 @@ class SQLiteLedger:
             ts = ev.timestamp.timestamp()
             department, project, model = lab.department, lab.project, lab.model
             # raw_* columns only when the exported label differs (capped to "other").
-            rows.append((
+            rows.extend((
                 rid, ts, department, project, lab.provider, model,
                 None if attribution.department == department else attribution.department,
                 None if attribution.project == project else attribution.project,
@@ -245,7 +244,7 @@ class SQLiteLedger:
                 hist.observe(ev.latency_seconds)
         # Plain INSERT: with one writer holding the transaction, the ids above are exactly
         # the new ones; a conflict here would be a bug, and fails the batch loudly.
-        conn.executemany(_INSERT_EVENT, rows)
+        _EVENTS.insert(conn, rows)
         spend_rows.extend((*slot, pico) for slot, pico in spend.items())
         conn.executemany(_ADD_SPEND, spend_rows)
         series = {SeriesKey(lab.department, lab.project, lab.provider, lab.model, outcome):
