@@ -6,15 +6,16 @@ answered only after the commit that holds its batch, so an acknowledged event is
 
 With `inline=True` batches of up to INLINE_MAX_EVENTS (a proxied call, a single ingested
 event, a reporter's or an SDK's batch of a hundred) skip the thread: those submitted during
-one event-loop iteration are committed together by a callback on the loop itself. That is
-right when a commit is cheap (SQLite WAL with synchronous=NORMAL does not fsync on commit),
-and it is cheaper than the thread even for 100-event batches: sqlite3 releases the GIL
-around every row it steps, so a writer thread beside a busy event loop spends its time
-handing the GIL back and forth (measured with bench/ingest_throughput.py: 100-event batches
-took 38.7 us of CPU per event through the thread, 29.8 us inline). Larger batches still go
-to the writer thread, so that one 10,000-event batch does not stall the loop (and every
-proxied call on it) for the ~80 ms its commit takes. A ledger whose commits wait on the disk
-or the network keeps the thread for everything, so the loop never blocks on them.
+one event-loop iteration are committed together (up to INLINE_MAX_FLUSH_EVENTS per commit)
+by a callback on the loop itself. That is right when a commit is cheap (SQLite WAL with
+synchronous=NORMAL does not fsync on commit). It was cheaper than the thread even for
+100-event batches: sqlite3 lets go of the GIL around each statement it steps, so a writer
+thread beside a busy event loop spent much of its time waiting to get the GIL back
+(bench/ingest_throughput.py, 100-event batches: 38.7 us of CPU per event through the
+thread, 29.8 us inline). Larger batches still go to the writer thread, so that one
+10,000-event batch does not stall the loop (and every proxied call on it) for the ~60 ms
+its commit takes. A ledger whose commits wait on the disk or the network keeps the thread
+for everything, so the loop never blocks on them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ _STOP = object()
 # Batches up to this size are committed on the event loop when inline mode is on: a commit
 # of this many events holds the loop for about 2 ms.
 INLINE_MAX_EVENTS = 256
+# Batches that queued up together are committed together, up to this many events per
+# commit on the loop (about 8 ms); the rest follow in the next loop iterations.
+INLINE_MAX_FLUSH_EVENTS = 1024
 
 
 class CommitQueue:
@@ -67,8 +71,20 @@ class CommitQueue:
         return await future
 
     def _flush_inline(self) -> None:
-        self._flush_scheduled = False
-        pending, self._pending = self._pending, []
+        # At most INLINE_MAX_FLUSH_EVENTS per callback (always one batch at least): a burst
+        # of many clients is committed in several steps, with the loop serving sockets and
+        # proxied calls between them, instead of in one long stall.
+        taken = size = 0
+        for batch, _, _ in self._pending:
+            if taken and size + len(batch) > INLINE_MAX_FLUSH_EVENTS:
+                break
+            taken += 1
+            size += len(batch)
+        pending, self._pending = self._pending[:taken], self._pending[taken:]
+        if self._pending:
+            asyncio.get_running_loop().call_soon(self._flush_inline)
+        else:
+            self._flush_scheduled = False
         try:
             results = self._ledger.record([batch for batch, _, _ in pending],
                                           [key for _, key, _ in pending])

@@ -20,6 +20,7 @@ from llm_cost_exporter.price_table import PriceTable, bundled_table_path, load_p
 from llm_cost_exporter.validation import ConfigError, Problems, resolve_path
 
 DEPARTMENT_WIDE = "*"
+MAX_FUTURE_SECONDS = 366 * 86_400
 _TOP_KEYS = {"listen", "allow_public_listen", "ledger", "defaults", "pricing", "ingest",
              "labels", "budgets", "log", "upstreams", "proxy", "metrics", "tls"}
 
@@ -230,7 +231,9 @@ def _ingest(obj: Mapping[str, Any], base_dir: Path, env: Mapping[str, str],
         tokens=read_tokens(obj, "ingest", base_dir, env, p),
         max_body_bytes=p.integer(obj, "max_body_bytes", "ingest", 8 * 1024 * 1024, minimum=1024),
         max_batch_events=p.integer(obj, "max_batch_events", "ingest", 10_000, minimum=1),
-        max_future_seconds=p.integer(obj, "max_future_seconds", "ingest", 300, minimum=0),
+        # At most a year: a skew tolerance, and `now + it` must stay a valid datetime.
+        max_future_seconds=p.integer(obj, "max_future_seconds", "ingest", 300, minimum=0,
+                                     maximum=MAX_FUTURE_SECONDS),
     )
 
 

@@ -32,7 +32,7 @@ def test_every_problem_is_reported_with_its_path(tmp_path: Path) -> None:
         "listen": "nowhere",
         "ledger": {"backend": "mysql"},
         "labels": {"max_values_per_label": 0},
-        "ingest": {"tokens": ["inline"]},
+        "ingest": {"tokens": ["inline"], "max_future_seconds": 10**12},
         "budgets": [
             {"department": "a", "monthly_usd": 10},
             {"department": "b", "daily_usd": "x", "timezone": "Mars/Olympus"},
@@ -49,6 +49,8 @@ def test_every_problem_is_reported_with_its_path(tmp_path: Path) -> None:
         "ledger.backend: must be 'sqlite' or 'postgres'",
         "labels.max_values_per_label: must be >= 1 and <= 100000",
         "ingest.tokens: inline tokens are not allowed: use tokens_env or tokens_file",
+        # 10**12 s would overflow `now + max_future_seconds` on every request.
+        "ingest.max_future_seconds: must be >= 0 and <= 31622400",
         "budgets[1].daily_usd: must be a number",
         "budgets[1].timezone: unknown IANA time zone 'Mars/Olympus'",
         "budgets[2].monthly_usd: must be > 0",

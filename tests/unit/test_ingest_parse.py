@@ -111,3 +111,24 @@ def test_decode_body_agrees_with_json_loads_on_any_bytes(raw: bytes) -> None:
 def test_deep_nesting_is_an_error_not_a_crash() -> None:
     with pytest.raises(RecursionError):
         ingest.decode_body(b"[" * 200_000)
+
+
+def test_only_short_values_are_cached() -> None:
+    long_value = "p" * 65
+    parsed = parse_events(event(project=long_value), defaults=DEFAULTS, now=NOW,
+                          limits=IngestLimits())
+    assert parsed[0].attribution.project == long_value
+    assert long_value not in ingest._CLEAN_LABELS  # accepted, but not kept: memory bound
+    assert "p" * 64 not in ingest._CLEAN_LABELS
+
+
+def test_invalid_utf8_inside_a_string_is_read_by_json_loads(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    # msgspec before 0.23 raised UnicodeDecodeError here rather than its DecodeError.
+    class OldDecoder:
+        def decode(self, raw: bytes) -> object:
+            raise UnicodeDecodeError("utf-8", raw, 0, 1, "invalid start byte")
+
+    monkeypatch.setattr(ingest, "_DECODER", OldDecoder())
+    raw = '{"department": "\udc80"}'.encode("utf-8", "surrogatepass")
+    assert ingest.decode_body(raw) == {"department": "\udc80"}  # json.loads's reading

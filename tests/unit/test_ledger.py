@@ -270,3 +270,50 @@ def test_row_inserter_writes_every_row_once_in_order(count: int) -> None:
     with pytest.raises(ValueError, match="do not make rows of 2"):
         inserter.insert(conn, [1, "a", 2])
     assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (count,)  # nothing added
+
+
+def test_row_inserter_stays_under_an_old_sqlite_parameter_limit() -> None:
+    # SQLite before 3.32 allowed 999 parameters per statement: 64 rows of 24 would be 1,536.
+    from llm_cost_exporter.ledger.sqlite_rows import RowInserter
+
+    conn = sqlite3.connect(":memory:")
+    conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    columns = ", ".join(f"c{i}" for i in range(24))
+    conn.execute(f"CREATE TABLE t (id INTEGER PRIMARY KEY, {columns})")
+    RowInserter(f"INSERT INTO t ({columns})", 24).insert(
+        conn, [row * 100 + col for row in range(100) for col in range(24)])
+    # 999 // 24 = 41 rows at most per statement: 32 + 32 + 32 + 4 here, all 100 in order.
+    assert conn.execute("SELECT COUNT(*), MIN(c0), MAX(c23) FROM t").fetchone() == (
+        100, 0, 99 * 100 + 23)
+    assert [r[0] for r in conn.execute("SELECT c0 FROM t ORDER BY id")] == [
+        row * 100 for row in range(100)]
+
+
+def test_a_burst_of_small_batches_is_committed_in_bounded_steps(tmp_path: Path) -> None:
+    import asyncio
+
+    from llm_cost_exporter.commit_queue import INLINE_MAX_EVENTS, INLINE_MAX_FLUSH_EVENTS
+
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    sizes: list[int] = []
+    record = ledger.record
+
+    def spy(batches, keys=None):  # type: ignore[no-untyped-def]
+        sizes.append(sum(len(b) for b in batches))
+        return record(batches, keys)
+
+    ledger.record = spy  # type: ignore[method-assign]
+    queue = CommitQueue(ledger, inline=True)
+
+    async def main() -> list[BatchResult]:
+        # 20 batches of 256 queued in one loop iteration: 5,120 events.
+        batches = [[ev(f"b{b}-{i}") for i in range(INLINE_MAX_EVENTS)] for b in range(20)]
+        return await asyncio.gather(*(queue.record(batch) for batch in batches))
+
+    results = asyncio.run(main())
+    queue.close()
+    assert [r.accepted for r in results] == [INLINE_MAX_EVENTS] * 20
+    assert max(sizes) <= INLINE_MAX_FLUSH_EVENTS  # never one long stall of 5,120
+    assert sum(sizes) == 20 * INLINE_MAX_EVENTS  # every batch once
+    assert len(sizes) == 20 * INLINE_MAX_EVENTS // INLINE_MAX_FLUSH_EVENTS  # 1,024 = 4 x 256
+    assert count_events(tmp_path / "l.db") == 20 * INLINE_MAX_EVENTS

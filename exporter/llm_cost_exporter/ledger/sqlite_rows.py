@@ -21,7 +21,6 @@ class RowInserter:
     """`INSERT INTO table (columns) VALUES (...), (...)` for rows given flat."""
 
     def __init__(self, head: str, columns: int) -> None:
-        # 64 rows x 24 columns = 1,536 parameters, far below SQLite's 32,766.
         self.columns = columns
         group = "(" + ",".join("?" * columns) + ")"
         self._sql = {size: f"{head} VALUES {','.join([group] * size)}" for size in _SIZES}
@@ -32,8 +31,13 @@ class RowInserter:
         rows, rest = divmod(len(flat), width)
         if rest:
             raise ValueError(f"{len(flat)} values do not make rows of {width}")
+        # 64 rows x 24 columns = 1,536 parameters: fine since SQLite 3.32 (32,766), too many
+        # for an older library (999), where the statements stay under its own limit.
+        most = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width
         start = 0
         for size in _SIZES:
+            if size > most:
+                continue
             while rows >= size:
                 end = start + size * width
                 conn.execute(self._sql[size], flat[start:end])
