@@ -272,5 +272,6 @@ def rmtree(path: Path) -> None:
         if child.is_dir() and not child.is_symlink():
             child.rmdir()
         else:
-            child.unlink()
+            # missing_ok: SQLite deletes a -wal file itself when its last connection closes.
+            child.unlink(missing_ok=True)
     path.rmdir()
