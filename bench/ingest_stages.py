@@ -1,7 +1,7 @@
 """Where an ingested event's CPU goes: each pipeline stage timed in-process, per event.
 
 No HTTP: the same 100-event OpenAI-style batches as ingest_throughput.py go through
-json.loads -> parse_events -> Recorder.prepare (Pricer.price + LabelGuard.labels_for) ->
+decode_body (msgspec) -> parse_events -> Recorder.prepare (Pricer.price + LabelGuard.labels_for) ->
 SQLiteLedger.record (one batch per commit, and 8 batches per commit as group commit does with
 8 connections). Every event has a unique request_id with a random head (like a UUID). The
 sum is the single-core ceiling of POST /v1/usage for batches (events/s), before HTTP and
@@ -66,7 +66,7 @@ def main() -> int:
 
     from llm_cost_exporter.config import load_config
     from llm_cost_exporter.events import Attribution
-    from llm_cost_exporter.ingest import IngestLimits, parse_events
+    from llm_cost_exporter.ingest import IngestLimits, decode_body, parse_events
     from llm_cost_exporter.labels import LabelGuard
     from llm_cost_exporter.ledger.sqlite import SQLiteLedger
     from llm_cost_exporter.price_db import GenAIPricesDB
@@ -87,13 +87,13 @@ def main() -> int:
     guard = LabelGuard(500)
     recorder = Recorder(pricer, guard, None)  # type: ignore[arg-type]  # prepare() only
 
-    decoded = [json.loads(r) for r in raws]
+    decoded = [decode_body(r) for r in raws]
     parsed = [parse_events(d, defaults=defaults, now=now, limits=limits) for d in decoded]
     prepared = [recorder.prepare(e) for e in parsed]
     for batch in prepared:  # as their commits would: the label values become admitted
         guard.settle(batch.ticket, range(len(batch)))
     stages: list[tuple[str, float]] = [
-        ("json.loads", per_event_us(lambda i: json.loads(raws[i]), n, b, rounds)),
+        ("decode_body (JSON)", per_event_us(lambda i: decode_body(raws[i]), n, b, rounds)),
         ("parse_events", per_event_us(
             lambda i: parse_events(decoded[i], defaults=defaults, now=now, limits=limits),
             n, b, rounds)),
