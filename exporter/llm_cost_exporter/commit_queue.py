@@ -74,6 +74,16 @@ class CommitQueue:
         # At most INLINE_MAX_FLUSH_EVENTS per callback (always one batch at least): a burst
         # of many clients is committed in several steps, with the loop serving sockets and
         # proxied calls between them, instead of in one long stall.
+        pending = self._take_inline()
+        if self._pending:
+            asyncio.get_running_loop().call_soon(self._flush_inline)
+        else:
+            self._flush_scheduled = False
+        if pending:  # close() may have committed them already
+            self._commit_inline(pending)
+
+    def _take_inline(self) -> list[tuple[Sequence[PricedEvent], BatchKey | None,
+                                         asyncio.Future[BatchResult]]]:
         taken = size = 0
         for batch, _, _ in self._pending:
             if taken and size + len(batch) > INLINE_MAX_FLUSH_EVENTS:
@@ -81,10 +91,10 @@ class CommitQueue:
             taken += 1
             size += len(batch)
         pending, self._pending = self._pending[:taken], self._pending[taken:]
-        if self._pending:
-            asyncio.get_running_loop().call_soon(self._flush_inline)
-        else:
-            self._flush_scheduled = False
+        return pending
+
+    def _commit_inline(self, pending: list[tuple[Sequence[PricedEvent], BatchKey | None,
+                                                 asyncio.Future[BatchResult]]]) -> None:
         try:
             results = self._ledger.record([batch for batch, _, _ in pending],
                                           [key for _, key, _ in pending])
@@ -101,7 +111,6 @@ class CommitQueue:
                 future.set_exception(result)
             else:
                 future.set_result(result)
-
 
     def _run(self) -> None:
         while True:
@@ -127,15 +136,25 @@ class CommitQueue:
 
     def _commit(self, pending: list[tuple[Sequence[PricedEvent], BatchKey | None,
                                           Future[BatchResult]]]) -> None:
+        # Mark every waiter running: from now on it can no longer be cancelled, so setting
+        # its result below cannot fail. A caller that was cancelled before (its request went
+        # away) gets no answer, but its batch is committed all the same, as on the inline
+        # path (Recorder.commit counts a cancelled batch as written). Setting the result of
+        # a cancelled future used to raise here and kill this thread, and every later batch
+        # for the thread then waited forever.
+        waiting = [future.set_running_or_notify_cancel() for _, _, future in pending]
         try:
             results = self._ledger.record([batch for batch, _, _ in pending],
                                           [key for _, key, _ in pending])
         except Exception as exc:  # the whole commit failed: every waiter learns why
-            for _, _, future in pending:
-                future.set_exception(exc)
+            for (_, _, future), live in zip(pending, waiting, strict=True):
+                if live:
+                    future.set_exception(exc)
             return
         self.commits += 1
-        for (_, _, future), result in zip(pending, results, strict=True):
+        for (_, _, future), live, result in zip(pending, waiting, results, strict=True):
+            if not live:
+                continue
             if isinstance(result, Exception):
                 future.set_exception(result)
             else:
@@ -143,5 +162,10 @@ class CommitQueue:
 
     def close(self, timeout: float = 30) -> None:
         """Commit everything already queued, then stop the writer."""
+        # Inline batches a shutdown caught between two flush steps: committed here, so that
+        # nothing queued is left behind (and no flag of a stopped loop stays set).
+        while self._pending:
+            self._commit_inline(self._take_inline())
+        self._flush_scheduled = False
         self._queue.put(_STOP)
         self._thread.join(timeout)

@@ -317,3 +317,67 @@ def test_a_burst_of_small_batches_is_committed_in_bounded_steps(tmp_path: Path) 
     assert sum(sizes) == 20 * INLINE_MAX_EVENTS  # every batch once
     assert len(sizes) == 20 * INLINE_MAX_EVENTS // INLINE_MAX_FLUSH_EVENTS  # 1,024 = 4 x 256
     assert count_events(tmp_path / "l.db") == 20 * INLINE_MAX_EVENTS
+
+
+def test_a_cancelled_caller_does_not_stop_the_writer_thread(tmp_path: Path) -> None:
+    # A request that goes away while its batch waits for the writer (client gone, shutdown):
+    # setting the result of its cancelled future used to raise in the writer thread, which
+    # died, and every later batch for the thread then waited forever.
+    import asyncio
+
+    from llm_cost_exporter.commit_queue import INLINE_MAX_EVENTS
+
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    queue = CommitQueue(ledger, inline=True)
+    size = INLINE_MAX_EVENTS + 1  # a batch for the writer thread
+
+    async def main() -> BatchResult:
+        with ledger._write_lock:  # the writer is busy with an earlier commit
+            gone = asyncio.create_task(queue.record([ev(f"a{i}") for i in range(size)]))
+            await asyncio.sleep(0.05)
+            gone.cancel()
+            await asyncio.sleep(0.05)
+        return await asyncio.wait_for(queue.record([ev(f"b{i}") for i in range(size)]), 10)
+
+    result = asyncio.run(main())
+    queue.close()
+    assert result.accepted == size
+    # The cancelled caller's batch was committed too (as on the inline path): 2 x 257.
+    assert count_events(tmp_path / "l.db") == 2 * size
+
+
+def test_close_commits_inline_batches_left_between_flush_steps(tmp_path: Path) -> None:
+    import asyncio
+
+    from llm_cost_exporter.commit_queue import INLINE_MAX_EVENTS
+
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    queue = CommitQueue(ledger, inline=True)
+
+    async def main() -> tuple[int, int, list[BatchResult]]:
+        tasks = [asyncio.create_task(queue.record([ev(f"c{b}-{i}") for i in
+                                                   range(INLINE_MAX_EVENTS)]))
+                 for b in range(40)]
+        await asyncio.sleep(0)  # the tasks queue their batches
+        await asyncio.sleep(0)  # one flush step: 1,024 of the 10,240 events
+        before = count_events(tmp_path / "l.db")
+        queue.close()  # what the app's shutdown does: the other 9,216 are committed now,
+        after = count_events(tmp_path / "l.db")  # not in later loop iterations
+        return before, after, await asyncio.gather(*tasks)
+
+    before, after, results = asyncio.run(main())
+    assert (before, after) == (1024, 40 * INLINE_MAX_EVENTS)
+    assert [r.accepted for r in results] == [INLINE_MAX_EVENTS] * 40
+    assert not queue._pending and not queue._flush_scheduled
+
+
+def test_row_inserter_refuses_when_not_one_row_fits() -> None:
+    from llm_cost_exporter.ledger.sqlite_rows import RowInserter
+
+    conn = sqlite3.connect(":memory:")
+    conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 2)
+    conn.execute("CREATE TABLE t (a, b, c)")
+    with pytest.raises(sqlite3.OperationalError, match="too many SQL variables"):
+        RowInserter("INSERT INTO t (a, b, c)", 3).insert(conn, [1, 2, 3])
+    assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (0,)
+    RowInserter("INSERT INTO t (a, b, c)", 3).insert(conn, [])  # nothing to insert: fine

@@ -34,6 +34,8 @@ class RowInserter:
         # 64 rows x 24 columns = 1,536 parameters: fine since SQLite 3.32 (32,766), too many
         # for an older library (999), where the statements stay under its own limit.
         most = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width
+        if rows and most < 1:  # not one row fits: refuse loudly, as SQLite itself would
+            raise sqlite3.OperationalError("too many SQL variables for one row")
         start = 0
         for size in _SIZES:
             if size > most:
