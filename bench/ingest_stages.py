@@ -126,7 +126,7 @@ def main() -> int:
                 [[name, us, f"{100 * us / total:.0f}%" if name in in_sum else "", 1e6 / us]
                  for name, us in stages])
     print_table(["sum", "us/event", "events/s on one core", "target", "headroom"], [
-        ["json + parse + prepare (event loop)", main_thread, 1e6 / main_thread, "", ""],
+        ["decode + parse + prepare (event loop)", main_thread, 1e6 / main_thread, "", ""],
         ["+ ledger, group commit (writer)", total, 1e6 / total,
          f">= {TARGET_BATCH_EVENTS_PER_S:,}/s", f"{1e6 / total / TARGET_BATCH_EVENTS_PER_S:.2f}x"],
     ])
