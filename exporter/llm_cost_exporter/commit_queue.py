@@ -25,6 +25,7 @@ import queue
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
+from typing import Any
 
 from llm_cost_exporter.events import PricedEvent
 from llm_cost_exporter.ledger import BatchKey, BatchResult, Ledger
@@ -95,22 +96,9 @@ class CommitQueue:
 
     def _commit_inline(self, pending: list[tuple[Sequence[PricedEvent], BatchKey | None,
                                                  asyncio.Future[BatchResult]]]) -> None:
-        try:
-            results = self._ledger.record([batch for batch, _, _ in pending],
-                                          [key for _, key, _ in pending])
-        except Exception as exc:
-            for _, _, future in pending:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        self.commits += 1
-        for (_, _, future), result in zip(pending, results, strict=True):
-            if future.done():  # its caller was cancelled; the batch is committed anyway
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        # Nothing runs on the loop while the ledger commits, so a caller not cancelled now
+        # is still waiting when its answer is set.
+        self._commit_and_answer(pending, [not future.done() for _, _, future in pending])
 
     def _run(self) -> None:
         while True:
@@ -137,21 +125,25 @@ class CommitQueue:
     def _commit(self, pending: list[tuple[Sequence[PricedEvent], BatchKey | None,
                                           Future[BatchResult]]]) -> None:
         # Mark every waiter running: from now on it can no longer be cancelled, so setting
-        # its result below cannot fail. A caller that was cancelled before (its request went
-        # away) gets no answer, but its batch is committed all the same, as on the inline
-        # path (Recorder.commit counts a cancelled batch as written). Setting the result of
-        # a cancelled future used to raise here and kill this thread, and every later batch
-        # for the thread then waited forever.
-        waiting = [future.set_running_or_notify_cancel() for _, _, future in pending]
+        # its result cannot fail. Setting the result of a cancelled future used to raise here
+        # and kill this thread, and every later batch for the thread then waited forever.
+        self._commit_and_answer(
+            pending, [future.set_running_or_notify_cancel() for _, _, future in pending])
+
+    def _commit_and_answer(self, pending: Sequence[tuple[Sequence[PricedEvent],
+                                                         BatchKey | None, Any]],
+                           waiting: list[bool]) -> None:
+        """Commit the batches together and answer the callers still waiting. A caller that
+        was cancelled (its request went away) gets no answer, but its batch is committed all
+        the same (Recorder.commit counts a cancelled batch as written)."""
+        results: Sequence[BatchResult | Exception]
         try:
             results = self._ledger.record([batch for batch, _, _ in pending],
                                           [key for _, key, _ in pending])
         except Exception as exc:  # the whole commit failed: every waiter learns why
-            for (_, _, future), live in zip(pending, waiting, strict=True):
-                if live:
-                    future.set_exception(exc)
-            return
-        self.commits += 1
+            results = [exc] * len(pending)
+        else:
+            self.commits += 1
         for (_, _, future), live, result in zip(pending, waiting, results, strict=True):
             if not live:
                 continue

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from datetime import UTC, datetime
 from decimal import Decimal as D
 from pathlib import Path
@@ -10,7 +12,11 @@ from pathlib import Path
 import pytest
 from msgspec.structs import replace
 
-from llm_cost_exporter.commit_queue import CommitQueue
+from llm_cost_exporter.commit_queue import (
+    INLINE_MAX_EVENTS,
+    INLINE_MAX_FLUSH_EVENTS,
+    CommitQueue,
+)
 from llm_cost_exporter.events import (
     Attribution,
     Cost,
@@ -28,6 +34,7 @@ from llm_cost_exporter.ledger import (
 )
 from llm_cost_exporter.ledger.migrations import MIGRATIONS
 from llm_cost_exporter.ledger.sqlite import SQLiteLedger
+from llm_cost_exporter.ledger.sqlite_rows import RowInserter
 
 TS = datetime(2026, 3, 14, 12, tzinfo=UTC)
 
@@ -47,6 +54,20 @@ KEY = SeriesKey("eng", "app", "openai", "gpt-4o", "success")
 def count_events(path: Path) -> int:
     with sqlite3.connect(path) as conn:
         return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+
+def spied_ledger(path: Path) -> tuple[SQLiteLedger, list[tuple[int, int]]]:
+    """A ledger that notes, for each commit, the thread that ran it and its event count."""
+    ledger = SQLiteLedger(path)
+    commits: list[tuple[int, int]] = []
+    record = ledger.record
+
+    def spy(batches, keys=None):  # type: ignore[no-untyped-def]
+        commits.append((threading.get_ident(), sum(len(b) for b in batches)))
+        return record(batches, keys)
+
+    ledger.record = spy  # type: ignore[method-assign]
+    return ledger, commits
 
 
 def test_retry_with_same_request_id_is_counted_once(tmp_path: Path) -> None:
@@ -228,20 +249,7 @@ def test_grouped_totals_match_a_recount_per_label_set_and_outcome(tmp_path: Path
 
 
 def test_small_batches_commit_on_the_loop_and_large_ones_on_the_writer(tmp_path: Path) -> None:
-    import asyncio
-    import threading
-
-    from llm_cost_exporter.commit_queue import INLINE_MAX_EVENTS
-
-    ledger = SQLiteLedger(tmp_path / "l.db")
-    threads: list[int] = []
-    record = ledger.record
-
-    def spy(batches, keys=None):  # type: ignore[no-untyped-def]
-        threads.append(threading.get_ident())
-        return record(batches, keys)
-
-    ledger.record = spy  # type: ignore[method-assign]
+    ledger, commits = spied_ledger(tmp_path / "l.db")
     queue = CommitQueue(ledger, inline=True)
 
     async def main() -> tuple[int, list[BatchResult]]:
@@ -251,6 +259,7 @@ def test_small_batches_commit_on_the_loop_and_large_ones_on_the_writer(tmp_path:
 
     loop_thread, results = asyncio.run(main())
     queue.close()
+    threads = [thread for thread, _ in commits]
     assert [r.accepted for r in results] == [INLINE_MAX_EVENTS, INLINE_MAX_EVENTS + 1]
     assert threads[0] == loop_thread  # the small batch: committed by the loop itself
     assert threads[1] != loop_thread  # the large one: by the ledger-writer thread
@@ -259,8 +268,6 @@ def test_small_batches_commit_on_the_loop_and_large_ones_on_the_writer(tmp_path:
 
 @pytest.mark.parametrize("count", [0, 1, 3, 63, 64, 100, 127, 200])
 def test_row_inserter_writes_every_row_once_in_order(count: int) -> None:
-    from llm_cost_exporter.ledger.sqlite_rows import RowInserter
-
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, a INTEGER, b TEXT)")
     inserter = RowInserter("INSERT INTO t (a, b)", 2)
@@ -274,8 +281,6 @@ def test_row_inserter_writes_every_row_once_in_order(count: int) -> None:
 
 def test_row_inserter_stays_under_an_old_sqlite_parameter_limit() -> None:
     # SQLite before 3.32 allowed 999 parameters per statement: 64 rows of 24 would be 1,536.
-    from llm_cost_exporter.ledger.sqlite_rows import RowInserter
-
     conn = sqlite3.connect(":memory:")
     conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
     columns = ", ".join(f"c{i}" for i in range(24))
@@ -290,19 +295,7 @@ def test_row_inserter_stays_under_an_old_sqlite_parameter_limit() -> None:
 
 
 def test_a_burst_of_small_batches_is_committed_in_bounded_steps(tmp_path: Path) -> None:
-    import asyncio
-
-    from llm_cost_exporter.commit_queue import INLINE_MAX_EVENTS, INLINE_MAX_FLUSH_EVENTS
-
-    ledger = SQLiteLedger(tmp_path / "l.db")
-    sizes: list[int] = []
-    record = ledger.record
-
-    def spy(batches, keys=None):  # type: ignore[no-untyped-def]
-        sizes.append(sum(len(b) for b in batches))
-        return record(batches, keys)
-
-    ledger.record = spy  # type: ignore[method-assign]
+    ledger, commits = spied_ledger(tmp_path / "l.db")
     queue = CommitQueue(ledger, inline=True)
 
     async def main() -> list[BatchResult]:
@@ -312,6 +305,7 @@ def test_a_burst_of_small_batches_is_committed_in_bounded_steps(tmp_path: Path) 
 
     results = asyncio.run(main())
     queue.close()
+    sizes = [events for _, events in commits]
     assert [r.accepted for r in results] == [INLINE_MAX_EVENTS] * 20
     assert max(sizes) <= INLINE_MAX_FLUSH_EVENTS  # never one long stall of 5,120
     assert sum(sizes) == 20 * INLINE_MAX_EVENTS  # every batch once
@@ -323,10 +317,6 @@ def test_a_cancelled_caller_does_not_stop_the_writer_thread(tmp_path: Path) -> N
     # A request that goes away while its batch waits for the writer (client gone, shutdown):
     # setting the result of its cancelled future used to raise in the writer thread, which
     # died, and every later batch for the thread then waited forever.
-    import asyncio
-
-    from llm_cost_exporter.commit_queue import INLINE_MAX_EVENTS
-
     ledger = SQLiteLedger(tmp_path / "l.db")
     queue = CommitQueue(ledger, inline=True)
     size = INLINE_MAX_EVENTS + 1  # a batch for the writer thread
@@ -347,10 +337,6 @@ def test_a_cancelled_caller_does_not_stop_the_writer_thread(tmp_path: Path) -> N
 
 
 def test_close_commits_inline_batches_left_between_flush_steps(tmp_path: Path) -> None:
-    import asyncio
-
-    from llm_cost_exporter.commit_queue import INLINE_MAX_EVENTS
-
     ledger = SQLiteLedger(tmp_path / "l.db")
     queue = CommitQueue(ledger, inline=True)
 
@@ -372,8 +358,6 @@ def test_close_commits_inline_batches_left_between_flush_steps(tmp_path: Path) -
 
 
 def test_row_inserter_refuses_when_not_one_row_fits() -> None:
-    from llm_cost_exporter.ledger.sqlite_rows import RowInserter
-
     conn = sqlite3.connect(":memory:")
     conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 2)
     conn.execute("CREATE TABLE t (a, b, c)")
