@@ -3,19 +3,22 @@
 No HTTP: the same 100-event OpenAI-style batches as ingest_throughput.py go through
 decode_body (msgspec) -> parse_events -> Recorder.prepare (Pricer.price + LabelGuard.labels_for) ->
 SQLiteLedger.record (one batch per commit, and 8 batches per commit as group commit does with
-8 connections). Every event has a unique request_id with a random head (like a UUID). The
+8 connections). By default every event has a unique request_id with a random head (like a
+UUID); with --ids key no event has one and each batch carries an Idempotency-Key. The
 sum is the single-core ceiling of POST /v1/usage for batches (events/s), before HTTP and
 framework costs.
 
 Floor in the same run: ../shared/bench/sqlite_bench.py (WAL, synchronous NORMAL, 100 rows
 per transaction, UNIQUE text key) for the ledger stage.
 
-    .venv/bin/python bench/ingest_stages.py [--batches 300] [--batch 100] [--no-floor]
+    .venv/bin/python bench/ingest_stages.py [--batches 300] [--batch 100] [--ids random|key]
+                                            [--no-floor]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import statistics
@@ -32,10 +35,12 @@ from benchlib import SHARED_BENCH, print_table, rmtree, write_config
 TARGET_BATCH_EVENTS_PER_S = 100_000
 
 
-def body(batch: int, tag: str, ts: str) -> bytes:
-    # request_id with a random head, as UUIDs have (see ingest_throughput.py --ids)
+def body(batch: int, tag: str, ts: str, ids: str) -> bytes:
+    # request_id with a random head, as UUIDs have (see ingest_throughput.py --ids); with
+    # --ids key none (the batch's Idempotency-Key makes retries safe instead)
     return json.dumps([{
-        "request_id": f"{random.getrandbits(32):08x}-{tag}-{k}", "timestamp": ts,
+        **({"request_id": f"{random.getrandbits(32):08x}-{tag}-{k}"} if ids == "random"
+           else {}), "timestamp": ts,
         "department": "engineering",
         "project": f"checkout-bot-{k % 50:02d}", "user": f"user-{k % 97:04d}",
         "provider": "openai", "model": "gpt-4o-mini-2024-07-18",
@@ -62,12 +67,16 @@ def main() -> int:
     p.add_argument("--batches", type=int, default=300, help="batches per timed round")
     p.add_argument("--batch", type=int, default=100, help="events per batch")
     p.add_argument("--no-floor", action="store_true", help="skip sqlite_bench.py")
+    p.add_argument("--ids", choices=["random", "key"], default="random",
+                   help="random: a request_id per event with a random head (default); key: no "
+                        "request_id, an Idempotency-Key per batch")
     args = p.parse_args()
 
     from llm_cost_exporter.config import load_config
     from llm_cost_exporter.events import Attribution
     from llm_cost_exporter.ingest import IngestLimits, decode_body, parse_events
     from llm_cost_exporter.labels import LabelGuard
+    from llm_cost_exporter.ledger.base import BatchKey
     from llm_cost_exporter.ledger.sqlite import SQLiteLedger
     from llm_cost_exporter.price_db import GenAIPricesDB
     from llm_cost_exporter.pricer import Pricer
@@ -79,7 +88,10 @@ def main() -> int:
     ts = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     n, b = args.batches, args.batch
     rounds = 3
-    raws = [body(b, f"st{int(time.time())}-{i}", ts) for i in range(n * rounds)]
+    raws = [body(b, f"st{int(time.time())}-{i}", ts, args.ids) for i in range(n * rounds)]
+    # Keys as app.py makes them: the header's key and a digest of the body.
+    keys = [BatchKey(f"{random.getrandbits(64):016x}-{i}", hashlib.sha256(r).digest())
+            if args.ids == "key" else None for i, r in enumerate(raws)]
     defaults = Attribution("unattributed", "unattributed")
     limits = IngestLimits()
     now = datetime.now(UTC)
@@ -106,10 +118,11 @@ def main() -> int:
     ]
     try:
         ledger = SQLiteLedger(tmp / "one.db")
-        one = per_event_us(lambda i: ledger.record([prepared[i]]), n, b, rounds)
+        one = per_event_us(lambda i: ledger.record([prepared[i]], [keys[i]]), n, b, rounds)
         ledger.close()
         ledger = SQLiteLedger(tmp / "eight.db")
-        eight = per_event_us(lambda i: ledger.record(prepared[8 * i:8 * i + 8]),
+        eight = per_event_us(lambda i: ledger.record(prepared[8 * i:8 * i + 8],
+                                                     keys[8 * i:8 * i + 8]),
                              n * rounds // 24, 8 * b, 3)
         ledger.close()
     finally:
@@ -121,7 +134,9 @@ def main() -> int:
     total = main_thread + eight
     in_sum = {stages[0][0], stages[1][0], stages[4][0], stages[6][0]}
     print(f"# ingest stages, in-process: {n} batches of {b} events per round, best of "
-          f"{rounds} rounds; python {sys.version.split()[0]}")
+          f"{rounds} rounds; python {sys.version.split()[0]}; "
+          + ("a random request_id per event" if args.ids == "random"
+             else "an Idempotency-Key per batch"))
     print_table(["stage", "us/event", "share", "events/s if alone"],
                 [[name, us, f"{100 * us / total:.0f}%" if name in in_sum else "", 1e6 / us]
                  for name, us in stages])

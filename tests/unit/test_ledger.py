@@ -279,6 +279,24 @@ def test_row_inserter_writes_every_row_once_in_order(count: int) -> None:
     assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (count,)  # nothing added
 
 
+def test_row_inserter_upsert_applies_a_key_repeated_in_one_statement_twice() -> None:
+    # The spend-slot upsert adds to what is stored; a slot split in two rows (the 64-bit
+    # guard) must add both, in one statement as in two.
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE s (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
+    conn.execute("INSERT INTO s VALUES ('a', 1)")
+    upsert = RowInserter("INSERT INTO s (k, v)", 2,
+                         "ON CONFLICT (k) DO UPDATE SET v = v + excluded.v")
+    # 70 rows, in statements of 64, 4 and 2: 'a' twice in the first statement, 'k3' in the
+    # first and again in the last.
+    flat = ["a", 10, "a", 100] + [v for i in range(67) for v in (f"k{i}", i)] + ["k3", 1000]
+    upsert.insert(conn, flat)
+    assert conn.execute("SELECT v FROM s WHERE k = 'a'").fetchone() == (1 + 10 + 100,)
+    assert conn.execute("SELECT v FROM s WHERE k = 'k3'").fetchone() == (3 + 1000,)
+    assert conn.execute("SELECT COUNT(*), SUM(v) FROM s").fetchone() == (
+        68, sum(range(67)) + 1 + 10 + 100 + 1000)
+
+
 def test_row_inserter_stays_under_an_old_sqlite_parameter_limit() -> None:
     # SQLite before 3.32 allowed 999 parameters per statement: 64 rows of 24 would be 1,536.
     conn = sqlite3.connect(":memory:")

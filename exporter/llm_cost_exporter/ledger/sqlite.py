@@ -44,24 +44,22 @@ INSERT INTO events (request_id, ts, department, project, provider, model,
 _INSERT_KEY = """
 INSERT INTO ingest_keys (key, digest, accepted, duplicates, recorded_at) VALUES (?,?,?,?,?)
 """
-_UPSERT_TOTALS = """
+_TOTALS = RowInserter("""
 INSERT INTO totals (department, project, provider, model, outcome, requests, input, cache_read,
-    cache_write, output, reasoning, unpriced, cost_usd, estimated)
-VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+    cache_write, output, reasoning, unpriced, cost_usd, estimated)""", 14, """
 ON CONFLICT (department, project, provider, model, outcome) DO UPDATE SET
     requests=excluded.requests, input=excluded.input, cache_read=excluded.cache_read,
     cache_write=excluded.cache_write, output=excluded.output, reasoning=excluded.reasoning,
-    unpriced=excluded.unpriced, cost_usd=excluded.cost_usd, estimated=excluded.estimated
-"""
+    unpriced=excluded.unpriced, cost_usd=excluded.cost_usd, estimated=excluded.estimated""")
 _UPSERT_LATENCY = """
 INSERT INTO latency_totals (provider, model, counts, total, count) VALUES (?,?,?,?,?)
 ON CONFLICT (provider, model) DO UPDATE SET
     counts=excluded.counts, total=excluded.total, count=excluded.count
 """
-_ADD_SPEND = """
-INSERT INTO spend_slots (department, project, slot, cost_pico) VALUES (?,?,?,?)
-ON CONFLICT (department, project, slot) DO UPDATE SET cost_pico = cost_pico + excluded.cost_pico
-"""
+_SPEND = RowInserter(
+    "INSERT INTO spend_slots (department, project, slot, cost_pico)", 4,
+    "ON CONFLICT (department, project, slot) DO UPDATE SET "
+    "cost_pico = cost_pico + excluded.cost_pico")
 
 
 class SQLiteLedger:
@@ -160,7 +158,10 @@ class SQLiteLedger:
                 if savepoints:
                     conn.execute("RELEASE batch")
                 results.append(result)
-                _merge(series, b_series, latency, b_latency)
+                if series or latency:
+                    _merge(series, b_series, latency, b_latency)
+                else:  # the first batch with new events: its fresh dicts are taken as they are
+                    series, latency = b_series, b_latency
             new_series, new_latency = self._write_totals(conn, series, latency)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -190,7 +191,7 @@ class SQLiteLedger:
         costs: dict[tuple[SeriesLabels, str], Decimal] = {}
         latency: dict[tuple[str, str], LatencyTotals] = {}
         spend: dict[tuple[str, str, int], int] = {}
-        spend_rows: list[tuple[str, str, int, int]] = []
+        spend_rows: list[object] = []  # (department, project, slot, pico), flat
         for position, priced in enumerate(batch):
             ev, lab = priced.event, priced.labels
             tok, attribution = ev.tokens, ev.attribution
@@ -234,7 +235,7 @@ class SQLiteLedger:
                                                     "USD for one call: check its token counts)")
                 summed = spend.get(slot, 0) + pico
                 if summed >= _SLOT_ROW_MAX:  # keep every bound value inside 64 bits
-                    spend_rows.append((*slot, spend.pop(slot)))
+                    spend_rows.extend((*slot, spend.pop(slot)))
                     summed = pico
                 spend[slot] = summed
             if ev.latency_seconds is not None:
@@ -245,8 +246,10 @@ class SQLiteLedger:
         # Plain INSERT: with one writer holding the transaction, the ids above are exactly
         # the new ones; a conflict here would be a bug, and fails the batch loudly.
         _EVENTS.insert(conn, rows)
-        spend_rows.extend((*slot, pico) for slot, pico in spend.items())
-        conn.executemany(_ADD_SPEND, spend_rows)
+        for slot, pico in spend.items():
+            spend_rows.extend(slot)
+            spend_rows.append(pico)
+        _SPEND.insert(conn, spend_rows)
         series = {SeriesKey(lab.department, lab.project, lab.provider, lab.model, outcome):
                   SeriesTotals(*acc[:7], cost=costs[(lab, outcome)], estimated=acc[7])
                   for (lab, outcome), acc in sums.items()}
@@ -278,9 +281,12 @@ class SQLiteLedger:
             new = (committed_series[key] or SeriesTotals()).copy()
             new.add(delta)
             new_series[key] = new
-        conn.executemany(_UPSERT_TOTALS, [
-            (*key, n.requests, n.input, n.cache_read, n.cache_write, n.output, n.reasoning,
-             n.unpriced, str(n.cost), n.estimated) for key, n in new_series.items()])
+        flat: list[object] = []
+        for key, n in new_series.items():
+            flat.extend(key)
+            flat.extend((n.requests, n.input, n.cache_read, n.cache_write, n.output,
+                         n.reasoning, n.unpriced, str(n.cost), n.estimated))
+        _TOTALS.insert(conn, flat)
         new_latency: dict[tuple[str, str], LatencyTotals] = {}
         for key2, delta2 in latency.items():
             lat = (committed_latency[key2] or LatencyTotals()).copy()
