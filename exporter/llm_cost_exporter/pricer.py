@@ -56,9 +56,15 @@ class Pricer:
         # Database prices can change at dated snapshots, so their cache key includes the
         # hour of the call; table prices never change while running.
         self._cache: dict[tuple[str, str, int], PriceSet | None] = {}
+        # Names the user's table prices: no hour in their key, so the hot path skips
+        # computing one (a datetime.timestamp() per event).
+        self._table_hits: dict[tuple[str, str], PriceSet] = {}
         self._warned: set[tuple[str, str]] = set()
 
     def resolve(self, provider: str, model: str, at: datetime) -> PriceSet | None:
+        found = self._table_hits.get((provider, model))
+        if found is not None:
+            return found
         key = (provider, model, int(at.timestamp()) // 3600)
         try:
             return self._cache[key]
@@ -78,6 +84,9 @@ class Pricer:
             for key in ((prov, variant), (priced_as, variant), (None, variant)):
                 found = self._table.models.get(key)
                 if found is not None:
+                    if len(self._table_hits) >= 50_000:  # bounded, like the cache above
+                        self._table_hits.clear()
+                    self._table_hits[(provider, model)] = found
                     return found
         if self._db is None:
             return None
@@ -89,11 +98,12 @@ class Pricer:
         return None
 
     def price(self, event: UsageEvent) -> Quote:
-        if event.tokens.billed_total == 0:
+        tokens = event.tokens
+        if not (tokens.input or tokens.cache_read or tokens.cache_write or tokens.output):
             # A failed call with no tokens costs nothing, whatever the model: not "unpriced".
             return Quote(Cost(), True, "no tokens")
         price = self.resolve(event.provider, event.model, event.timestamp)
-        if price is not None and not price.covers(event.tokens):
+        if price is not None and not price.covers(tokens):
             price = None  # e.g. output tokens on a model priced for input only
         if price is None:
             key = (event.provider, event.model)
@@ -104,4 +114,4 @@ class Pricer:
                 log.warning("no price for model; counted as unpriced with cost 0",
                             extra={"provider": event.provider, "model": event.model})
             return Quote(Cost(), False, "")
-        return Quote(price.cost(event.tokens), True, price.source)
+        return Quote(price.cost(tokens), True, price.source)

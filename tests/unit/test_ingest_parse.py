@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from llm_cost_exporter import ingest
@@ -132,3 +132,104 @@ def test_invalid_utf8_inside_a_string_is_read_by_json_loads(monkeypatch: pytest.
     monkeypatch.setattr(ingest, "_DECODER", OldDecoder())
     raw = '{"department": "\udc80"}'.encode("utf-8", "surrogatepass")
     assert ingest.decode_body(raw) == {"department": "\udc80"}  # json.loads's reading
+
+
+# -- the quick path (_quick_event) against the general one (_parse_event) ------------------
+
+LATEST = NOW + timedelta(seconds=300)
+_LABELS_GOOD = ["ops", "  ops  ", "Ops", "ö-team", "o" * 64, "o" * 30]
+_LABELS_BAD = ["", "   ", "op\ns", "op\x00s", "o" * 129, "\ud800", 5, 1.5, True, None, ["ops"]]
+# Per field: values that pass, and values the general path refuses (or that the quick path
+# must leave to it). Items are built from good values, then 0-2 fields get a bad one.
+_GOOD: dict[str, list[object]] = {
+    "department": _LABELS_GOOD, "project": _LABELS_GOOD, "user": _LABELS_GOOD,
+    "provider": ["openai", "OpenAI", " anthropic ", "gemini", "deepseek", "p" * 30],
+    "model": ["gpt-4o", " gpt-4o ", "claude-sonnet-4", "m" * 30],
+    "request_id": ["r-1", "r" * 256, "a b"],
+    "timestamp": ["2026-03-14T11:00:00Z", "2026-03-14T11:00:00.123456Z",
+                  "2026-03-14T12:04:59Z", 1773486000, 1773486000.5, 0],
+    "latency_seconds": [0, 0.5, 2, 86_400],
+    "status": [200, 404, 599, "error", "success", "client_closed"],
+    "usage": [{"prompt_tokens": 10, "completion_tokens": 5},
+              {"prompt_tokens": 10, "completion_tokens": 5,
+               "prompt_tokens_details": {"cached_tokens": 4}},
+              {"input_tokens": 7, "output_tokens": 3},
+              {"input_tokens": 7, "cache_read_input_tokens": 2, "output_tokens": 1},
+              {"promptTokenCount": 3}],
+    "tokens": [{"input": 10}, {"input": 1, "output": 2, "reasoning": 1}],
+}
+_BAD: dict[str, list[object]] = {
+    "department": _LABELS_BAD, "project": _LABELS_BAD, "user": _LABELS_BAD,
+    "provider": ["open ai", "", "-openai", "x" * 65, 7, "open\x00ai"],
+    "model": ["", "m\n", "m" * 129, 4],
+    "request_id": ["", "r" * 257, "ré", "\udc80", 12],
+    "timestamp": ["2026-03-14T11:00:00z", "2026-03-14T13:00:00+02:00", "2026-03-14T11:00:00",
+                  "2026-03-14 11:00:00Z", "2026-03-14T11:00:00+01:00Z", "2026Z03-14T11:00:00Z",
+                  "2027-01-01T00:00:00Z", "2026-03-14T12:05:01Z", "Z", "", "not a time",
+                  1773486000000, -1, float("nan"), float("inf"), True, 2**70, [1]],
+    "latency_seconds": [86_401, -1, float("nan"), True, "1"],
+    "status": [600, 99, True, "ok", 200.0],
+    "usage": [{"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 11}},
+              {"prompt_tokens": -1}, {"prompt_tokens": True}, {"x": 1}, [], 3],
+    "tokens": [{"output": 1, "reasoning": 2}, {"input": -1}, {"bogus": 1}, {"input": 10**10},
+               "x"],
+    "response": [{"model": "gpt-4o", "usage": {"prompt_tokens": 1}}, {}],
+    "choices": [[]], "extra": [1],
+}
+
+
+@st.composite
+def items(draw: st.DrawFn) -> object:
+    item: dict[str, object] = {}
+    for key, values in _GOOD.items():
+        if key not in ("usage", "tokens") and draw(st.sampled_from([True, True, True, False])):
+            item[key] = draw(st.sampled_from(values))
+    form = draw(st.sampled_from(["usage", "usage", "tokens"]))
+    item[form] = draw(st.sampled_from(_GOOD[form]))
+    for _ in range(draw(st.sampled_from([0, 0, 1, 1, 1, 2]))):
+        key = draw(st.sampled_from(sorted(_BAD)))
+        item[key] = draw(st.sampled_from(_BAD[key]))
+    return item
+
+
+def _general(item: object, limits: IngestLimits) -> object:
+    errors = ingest._Collector()
+    parsed = ingest._parse_event(item, "", DEFAULTS, NOW, LATEST, limits, errors)
+    return parsed if not errors.errors else errors.errors
+
+
+@settings(max_examples=2000, deadline=None)
+@given(items() | st.sampled_from([[], "x", None, {"department": "ops"}]))
+@example(event(timestamp="2026-03-14T12:05:01Z"))  # 1 s past the allowed clock skew
+@example(event(timestamp="2027-01-01T00:00:00Z"))
+@example(event(timestamp="2026-03-14T12:05:00Z"))  # exactly at it: accepted
+@example(event(request_id=""))
+@example(event(provider="p" * 30))  # a cached value over the 20-character limit
+def test_the_quick_path_gives_the_general_paths_event_or_leaves_the_item(item: object
+                                                                          ) -> None:
+    cold = ingest._quick_event(item, DEFAULTS, NOW, LATEST, 128)
+    _general(item, IngestLimits())  # fills the caches the quick path reads
+    # Under each limit: shorter ones refuse values the caches hold (filled under 128).
+    for max_length, quick in ((128, cold), (128, None), (64, None), (20, None)):
+        quick = quick or ingest._quick_event(item, DEFAULTS, NOW, LATEST, max_length)
+        if quick is not None:
+            # repr: the same field values of the same types (a float is not an int, the
+            # time zone is UTC), not merely equal ones.
+            assert repr(quick) == repr(_general(item, IngestLimits(max_value_length=max_length)))
+
+
+def test_the_quick_path_takes_the_common_shapes() -> None:
+    # Without this, a quick path that always gave up would pass the test above.
+    common = [
+        event(department="ops", project="bot", user="u1", request_id="r-1", status=200,
+              timestamp="2026-03-14T11:00:00.5Z", latency_seconds=0.8),
+        {"provider": "OpenAI", "model": "gpt-4o", "timestamp": 1773486000,
+         "usage": {"prompt_tokens": 10, "completion_tokens": 5,
+                   "prompt_tokens_details": {"cached_tokens": 4}}},
+        {"provider": "anthropic", "model": "claude-sonnet-4", "status": "error",
+         "usage": {"input_tokens": 7, "cache_read_input_tokens": 2, "output_tokens": 1}},
+    ]
+    general = parse_events(common, defaults=DEFAULTS, now=NOW, limits=IngestLimits())
+    quick = [ingest._quick_event(i, DEFAULTS, NOW, LATEST, 128) for i in common]
+    assert [repr(q) for q in quick] == [repr(g) for g in general]
+    assert [q.tokens.cache_read for q in quick if q] == [0, 4, 2]

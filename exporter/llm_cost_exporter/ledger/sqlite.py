@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
+from typing import Any
 
 from llm_cost_exporter.events import PricedEvent, SeriesLabels
 from llm_cost_exporter.ledger.base import (
@@ -187,47 +188,54 @@ class SQLiteLedger:
         # Per (labels, outcome): requests, input, cache_read, cache_write, output, reasoning,
         # unpriced, estimated, and the cost (Decimal). Plain lists keyed by the event's own
         # label struct: this loop runs per event, the SeriesKeys are built once per group.
-        sums: dict[tuple[SeriesLabels, str], list[int]] = {}
-        costs: dict[tuple[SeriesLabels, str], Decimal] = {}
+        sums: dict[tuple[SeriesLabels, str], list[Any]] = {}
         latency: dict[tuple[str, str], LatencyTotals] = {}
         spend: dict[tuple[str, str, int], int] = {}
         spend_rows: list[object] = []  # (department, project, slot, pico), flat
+        add_row, add_written = rows.extend, written.append
         for position, priced in enumerate(batch):
-            ev, lab = priced.event, priced.labels
-            tok, attribution = ev.tokens, ev.attribution
+            ev = priced.event
             rid = ev.request_id
             if rid is not None:
                 if rid in seen:
                     continue  # already recorded (or twice in this batch): counted once
                 seen.add(rid)
-            written.append(position)
+            add_written(position)
+            lab, tok, attribution = priced.labels, ev.tokens, ev.attribution
             cost = priced.cost.total
             ts = ev.timestamp.timestamp()
-            department, project, model = lab.department, lab.project, lab.model
+            department, project, provider, model = (lab.department, lab.project, lab.provider,
+                                                    lab.model)
+            outcome, seconds, is_priced, estimated = (ev.outcome, ev.latency_seconds,
+                                                      priced.priced, ev.estimated)
+            t_input, t_read, t_write, t_output, t_reasoning = (
+                tok.input, tok.cache_read, tok.cache_write, tok.output, tok.reasoning)
             # raw_* columns only when the exported label differs (capped to "other").
-            rows.extend((
-                rid, ts, department, project, lab.provider, model,
+            add_row((
+                rid, ts, department, project, provider, model,
                 None if attribution.department == department else attribution.department,
                 None if attribution.project == project else attribution.project,
-                None if ev.model == model else ev.model, attribution.user, ev.outcome,
-                tok.input, tok.cache_read, tok.cache_write, tok.cache_write_1h, tok.output,
-                tok.reasoning, str(cost), int(priced.priced), priced.price_source,
-                ev.latency_seconds, ev.source, now, int(ev.estimated)))
-            group = (lab, ev.outcome)
+                None if ev.model == model else ev.model, attribution.user, outcome,
+                t_input, t_read, t_write, tok.cache_write_1h, t_output, t_reasoning, str(cost),
+                int(is_priced), priced.price_source, seconds, ev.source, now, int(estimated)))
+            group = (lab, outcome)
             acc = sums.get(group)
             if acc is None:
-                acc = sums[group] = [0] * 8
-                costs[group] = Decimal(0)
-            acc[0] += 1
-            acc[1] += tok.input
-            acc[2] += tok.cache_read
-            acc[3] += tok.cache_write
-            acc[4] += tok.output
-            acc[5] += tok.reasoning
-            acc[6] += not priced.priced
-            acc[7] += ev.estimated
+                sums[group] = [1, t_input, t_read, t_write, t_output, t_reasoning,
+                               not is_priced, estimated, cost]
+            else:
+                acc[0] += 1
+                acc[1] += t_input
+                acc[2] += t_read
+                acc[3] += t_write
+                acc[4] += t_output
+                acc[5] += t_reasoning
+                if not is_priced:
+                    acc[6] += 1
+                if estimated:
+                    acc[7] += 1
+                acc[8] += cost
             if cost:
-                costs[group] += cost
                 slot = (department, project, int(ts // SLOT_SECONDS) * SLOT_SECONDS)
                 pico = int((cost * PICO).to_integral_value(ROUND_HALF_EVEN))
                 if pico >= _SLOT_ROW_MAX:
@@ -238,11 +246,11 @@ class SQLiteLedger:
                     spend_rows.extend((*slot, spend.pop(slot)))
                     summed = pico
                 spend[slot] = summed
-            if ev.latency_seconds is not None:
-                hist = latency.get((lab.provider, model))
+            if seconds is not None:
+                hist = latency.get((provider, model))
                 if hist is None:
-                    hist = latency[(lab.provider, model)] = LatencyTotals()
-                hist.observe(ev.latency_seconds)
+                    hist = latency[(provider, model)] = LatencyTotals()
+                hist.observe(seconds)
         # Plain INSERT: with one writer holding the transaction, the ids above are exactly
         # the new ones; a conflict here would be a bug, and fails the batch loudly.
         _EVENTS.insert(conn, rows)
@@ -251,7 +259,7 @@ class SQLiteLedger:
             spend_rows.append(pico)
         _SPEND.insert(conn, spend_rows)
         series = {SeriesKey(lab.department, lab.project, lab.provider, lab.model, outcome):
-                  SeriesTotals(*acc[:7], cost=costs[(lab, outcome)], estimated=acc[7])
+                  SeriesTotals(*acc[:7], cost=acc[8], estimated=int(acc[7]))
                   for (lab, outcome), acc in sums.items()}
         result = BatchResult(len(written), len(batch) - len(written), tuple(written))
         return result, series, latency
