@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_cost_exporter.events import PricedEvent, SeriesLabels
+from llm_cost_exporter.ledger import sqlite_sql as sql
 from llm_cost_exporter.ledger.base import (
     BatchKey,
     BatchResult,
@@ -28,7 +29,7 @@ from llm_cost_exporter.ledger.base import (
     stored_key_result,
 )
 from llm_cost_exporter.ledger.migrations import migrate
-from llm_cost_exporter.ledger.sqlite_rows import RowInserter
+from llm_cost_exporter.ledger.sqlite_labels import LabelSets
 from llm_cost_exporter.ledger.sqlite_wal import Checkpointer, bound_wal, connect
 
 SLOT_SECONDS = 900
@@ -36,32 +37,6 @@ PICO = Decimal("1e12")
 # Largest pico-USD value bound in one statement: half of 2^63, so the sum SQLite computes
 # with the value already stored stays an integer far longer.
 _SLOT_ROW_MAX = 2**62
-
-_EVENTS = RowInserter("""
-INSERT INTO events (request_id, ts, department, project, provider, model,
-    raw_department, raw_project, raw_model, user_name, outcome, input, cache_read, cache_write,
-    cache_write_1h, output, reasoning, cost_usd, priced, price_source, latency_seconds, source,
-    recorded_at, estimated)""", 24)
-_INSERT_KEY = """
-INSERT INTO ingest_keys (key, digest, accepted, duplicates, recorded_at) VALUES (?,?,?,?,?)
-"""
-_TOTALS = RowInserter("""
-INSERT INTO totals (department, project, provider, model, outcome, requests, input, cache_read,
-    cache_write, output, reasoning, unpriced, cost_usd, estimated)""", 14, """
-ON CONFLICT (department, project, provider, model, outcome) DO UPDATE SET
-    requests=excluded.requests, input=excluded.input, cache_read=excluded.cache_read,
-    cache_write=excluded.cache_write, output=excluded.output, reasoning=excluded.reasoning,
-    unpriced=excluded.unpriced, cost_usd=excluded.cost_usd, estimated=excluded.estimated""")
-_UPSERT_LATENCY = """
-INSERT INTO latency_totals (provider, model, counts, total, count) VALUES (?,?,?,?,?)
-ON CONFLICT (provider, model) DO UPDATE SET
-    counts=excluded.counts, total=excluded.total, count=excluded.count
-"""
-_SPEND = RowInserter(
-    "INSERT INTO spend_slots (department, project, slot, cost_pico)", 4,
-    "ON CONFLICT (department, project, slot) DO UPDATE SET "
-    "cost_pico = cost_pico + excluded.cost_pico")
-
 
 class SQLiteLedger:
     def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
@@ -83,6 +58,7 @@ class SQLiteLedger:
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"cannot open ledger {path}: {exc}") from exc
         self._totals = self._load_totals()
+        self._label_sets = LabelSets()
 
     # -- start-up -------------------------------------------------------------------------
     def _load_totals(self) -> Totals:
@@ -135,7 +111,7 @@ class SQLiteLedger:
                 try:
                     result, b_series, b_latency = self._write_batch(conn, batch, now)
                     if key is not None:
-                        conn.execute(_INSERT_KEY, (key.key, key.digest, result.accepted,
+                        conn.execute(sql.INSERT_KEY, (key.key, key.digest, result.accepted,
                                                    result.duplicates, now))
                 except (sqlite3.Error, ValueError, OverflowError) as exc:
                     # A database error makes the ledger unavailable; a value it cannot store
@@ -151,13 +127,16 @@ class SQLiteLedger:
                         if isinstance(failure, LedgerUnavailable):
                             raise
                         _rollback(conn)
+                        self._label_sets.rolled_back()
                         return [failure]
                     conn.execute("ROLLBACK TO batch")
                     conn.execute("RELEASE batch")
+                    self._label_sets.batch_dropped()
                     results.append(failure)
                     continue
                 if savepoints:
                     conn.execute("RELEASE batch")
+                self._label_sets.batch_kept()
                 results.append(result)
                 if series or latency:
                     _merge(series, b_series, latency, b_latency)
@@ -167,10 +146,13 @@ class SQLiteLedger:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             _rollback(conn)
+            self._label_sets.rolled_back()
             raise LedgerUnavailable(f"ledger commit failed: {exc}") from exc
         except BaseException:
             _rollback(conn)
+            self._label_sets.rolled_back()
             raise
+        self._label_sets.committed()
         # Only now, after COMMIT, do the new totals become visible to scrapes. Published
         # objects are replaced, never changed, so readers can share them without copying.
         with self._totals_lock:
@@ -193,6 +175,8 @@ class SQLiteLedger:
         spend: dict[tuple[str, str, int], int] = {}
         spend_rows: list[object] = []  # (department, project, slot, pico), flat
         add_row, add_written = rows.extend, written.append
+        label_sets = self._label_sets
+        set_ids = label_sets.known
         for position, priced in enumerate(batch):
             ev = priced.event
             rid = ev.request_id
@@ -210,14 +194,17 @@ class SQLiteLedger:
                                                       priced.priced, ev.estimated)
             t_input, t_read, t_write, t_output, t_reasoning = (
                 tok.input, tok.cache_read, tok.cache_write, tok.output, tok.reasoning)
-            # raw_* columns only when the exported label differs (capped to "other").
-            add_row((
-                rid, ts, department, project, provider, model,
-                None if attribution.department == department else attribution.department,
-                None if attribution.project == project else attribution.project,
-                None if ev.model == model else ev.model, attribution.user, outcome,
-                t_input, t_read, t_write, tok.cache_write_1h, t_output, t_reasoning, str(cost),
-                int(is_priced), priced.price_source, seconds, ev.source, now, int(estimated)))
+            # Raw values only where the exported label differs (capped to "other"); '' is
+            # NULL in label_sets.
+            set_key = (lab, "" if attribution.department == department else attribution.department,
+                       "" if attribution.project == project else attribution.project,
+                       "" if ev.model == model else ev.model, attribution.user or "", outcome,
+                       is_priced, priced.price_source, ev.source, estimated)
+            set_id = set_ids.get(set_key)
+            if set_id is None:
+                set_id = label_sets.resolve(conn, set_key)
+            add_row((rid, ts, set_id, t_input, t_read, t_write, tok.cache_write_1h, t_output,
+                     t_reasoning, str(cost), seconds, now))
             group = (lab, outcome)
             acc = sums.get(group)
             if acc is None:
@@ -253,11 +240,11 @@ class SQLiteLedger:
                 hist.observe(seconds)
         # Plain INSERT: with one writer holding the transaction, the ids above are exactly
         # the new ones; a conflict here would be a bug, and fails the batch loudly.
-        _EVENTS.insert(conn, rows)
+        sql.EVENTS.insert(conn, rows)
         for slot, pico in spend.items():
             spend_rows.extend(slot)
             spend_rows.append(pico)
-        _SPEND.insert(conn, spend_rows)
+        sql.SPEND.insert(conn, spend_rows)
         series = {SeriesKey(lab.department, lab.project, lab.provider, lab.model, outcome):
                   SeriesTotals(*acc[:7], cost=acc[8], estimated=int(acc[7]))
                   for (lab, outcome), acc in sums.items()}
@@ -273,7 +260,7 @@ class SQLiteLedger:
             chunk = ids[i:i + 500]
             marks = ",".join("?" * len(chunk))
             known.update(r[0] for r in conn.execute(
-                f"SELECT request_id FROM events WHERE request_id IN ({marks})", chunk))
+                f"SELECT request_id FROM event_rows WHERE request_id IN ({marks})", chunk))
         return known
 
     def _write_totals(self, conn: sqlite3.Connection, series: dict[SeriesKey, SeriesTotals],
@@ -294,13 +281,13 @@ class SQLiteLedger:
             flat.extend(key)
             flat.extend((n.requests, n.input, n.cache_read, n.cache_write, n.output,
                          n.reasoning, n.unpriced, str(n.cost), n.estimated))
-        _TOTALS.insert(conn, flat)
+        sql.TOTALS.insert(conn, flat)
         new_latency: dict[tuple[str, str], LatencyTotals] = {}
         for key2, delta2 in latency.items():
             lat = (committed_latency[key2] or LatencyTotals()).copy()
             lat.add(delta2)
             new_latency[key2] = lat
-        conn.executemany(_UPSERT_LATENCY, [
+        conn.executemany(sql.UPSERT_LATENCY, [
             (provider, model, json.dumps(lat.counts), lat.total, lat.count)
             for (provider, model), lat in new_latency.items()])
         return new_series, new_latency
