@@ -12,7 +12,9 @@ import logging
 import re
 from collections.abc import Iterator
 from datetime import datetime
-from typing import NamedTuple, Protocol
+from typing import Protocol
+
+from msgspec import Struct
 
 from llm_cost_exporter.events import Cost, UsageEvent
 from llm_cost_exporter.price_table import PriceTable
@@ -25,7 +27,8 @@ _DATE_SUFFIX = re.compile(r"(-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8})$")
 _DB_PROVIDER = {"gemini": "google", "vertex": "google", "bedrock": "aws", "xai": "x-ai"}
 
 
-class Quote(NamedTuple):
+class Quote(Struct, frozen=True, gc=False):
+    # A Struct, not a NamedTuple: one is built per event (0.07 against 0.3 us).
     cost: Cost
     priced: bool
     source: str
