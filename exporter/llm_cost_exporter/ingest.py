@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -247,6 +246,8 @@ def _quick_event(item: Any, defaults: Attribution, now: datetime, latest: dateti
             timestamp = datetime.fromisoformat(head + "+00:00")
         except ValueError:
             return None
+        if timestamp.tzinfo is None:  # a date alone ("2026-03-14Z"): Python drops the offset
+            return None
     elif type(timestamp) in (int, float) and 0 <= timestamp < 1e11:  # NaN fails too
         timestamp = datetime.fromtimestamp(timestamp, UTC)
     else:
@@ -394,9 +395,11 @@ def _timestamp(value: Any, path: str, now: datetime, latest: datetime, limits: I
     if isinstance(value, bool):
         pass
     elif isinstance(value, int | float):
-        if math.isfinite(value) and 0 <= value < 1e11:
+        # Ranges only (NaN and infinities fail them): math.isfinite raised OverflowError on
+        # an int past 1e308, a 500 for a huge JSON number.
+        if 0 <= value < 1e11:
             ts = datetime.fromtimestamp(value, UTC)
-        elif math.isfinite(value) and 1e11 <= value < 1e14:
+        elif 1e11 <= value < 1e14:
             errors.add(field, "looks like milliseconds: send epoch seconds")
             return None
     elif isinstance(value, str):
@@ -428,7 +431,7 @@ def _latency(value: Any, path: str, errors: _Collector) -> float | None:
         return float(value)  # NaN fails the comparison above and takes the slow path
     field = _join(path, "latency_seconds")
     if (isinstance(value, bool) or not isinstance(value, int | float)
-            or not math.isfinite(value) or not 0 <= value <= MAX_LATENCY_SECONDS):
+            or not 0 <= value <= MAX_LATENCY_SECONDS):  # NaN fails it too
         errors.add(field, f"must be a number of seconds in [0, {MAX_LATENCY_SECONDS:g}]")
         return None
     return float(value)

@@ -166,8 +166,9 @@ _BAD: dict[str, list[object]] = {
     "timestamp": ["2026-03-14T11:00:00z", "2026-03-14T13:00:00+02:00", "2026-03-14T11:00:00",
                   "2026-03-14 11:00:00Z", "2026-03-14T11:00:00+01:00Z", "2026Z03-14T11:00:00Z",
                   "2027-01-01T00:00:00Z", "2026-03-14T12:05:01Z", "Z", "", "not a time",
+                  "2026-03-14Z", "20260314Z", "2026-W11-6Z", 10**400,
                   1773486000000, -1, float("nan"), float("inf"), True, 2**70, [1]],
-    "latency_seconds": [86_401, -1, float("nan"), True, "1"],
+    "latency_seconds": [86_401, -1, float("nan"), True, "1", 10**400],
     "status": [600, 99, True, "ok", 200.0],
     "usage": [{"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 11}},
               {"prompt_tokens": -1}, {"prompt_tokens": True}, {"x": 1}, [], 3],
@@ -205,6 +206,7 @@ def _general(item: object, limits: IngestLimits) -> object:
 @example(event(timestamp="2026-03-14T12:05:00Z"))  # exactly at it: accepted
 @example(event(request_id=""))
 @example(event(provider="p" * 30))  # a cached value over the 20-character limit
+@example(event(timestamp="2026-03-14Z"))  # a date alone: fromisoformat drops the offset
 def test_the_quick_path_gives_the_general_paths_event_or_leaves_the_item(item: object
                                                                           ) -> None:
     cold = ingest._quick_event(item, DEFAULTS, NOW, LATEST, 128)
@@ -233,3 +235,22 @@ def test_the_quick_path_takes_the_common_shapes() -> None:
     quick = [ingest._quick_event(i, DEFAULTS, NOW, LATEST, 128) for i in common]
     assert [repr(q) for q in quick] == [repr(g) for g in general]
     assert [q.tokens.cache_read for q in quick if q] == [0, 4, 2]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("timestamp", "2026-03-14Z", "must carry a time zone offset (e.g. Z or +07:00)"),
+    ("timestamp", "20260314Z", "must carry a time zone offset (e.g. Z or +07:00)"),
+    ("timestamp", 10**400, "must be an RFC 3339 string or epoch seconds"),
+    ("timestamp", -(10**400), "must be an RFC 3339 string or epoch seconds"),
+    ("latency_seconds", 10**400, "must be a number of seconds in [0, 86400]"),
+], ids=["date-Z", "basic-date-Z", "ts-1e400", "ts--1e400", "latency-1e400"])
+def test_odd_values_are_named_errors_on_both_paths(field: str, value: object,
+                                                   message: str) -> None:
+    # Twice: the first sight goes through the general path, the second (caches warm)
+    # through the quick path first. A date alone ended in a TypeError there (a 500), and a
+    # number past 1e308 in math.isfinite's OverflowError on the general path.
+    for _ in range(2):
+        with pytest.raises(IngestError) as exc:
+            parse_events(event(**{field: value}), defaults=DEFAULTS, now=NOW,
+                         limits=IngestLimits())
+        assert exc.value.errors == [(field, message)]

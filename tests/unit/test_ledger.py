@@ -383,3 +383,13 @@ def test_row_inserter_refuses_when_not_one_row_fits() -> None:
         RowInserter("INSERT INTO t (a, b, c)", 3).insert(conn, [1, 2, 3])
     assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (0,)
     RowInserter("INSERT INTO t (a, b, c)", 3).insert(conn, [])  # nothing to insert: fine
+
+
+def test_a_zero_cost_leaves_the_stored_sum_as_it_was(tmp_path: Path) -> None:
+    # 1.5 + a call priced at "0.00": the stored total is "1.5" (the value alone would allow
+    # "1.50", which the ledger wrote for a while).
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    ledger.record([[ev("a", cost="1.5"), ev("b", cost="0.00")]])
+    ledger.close()
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        assert conn.execute("SELECT cost_usd FROM totals").fetchall() == [("1.5",)]

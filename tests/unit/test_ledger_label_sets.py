@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from datetime import UTC, datetime
 from decimal import Decimal as D
@@ -18,7 +19,13 @@ from llm_cost_exporter.events import (
     TokenCounts,
     UsageEvent,
 )
-from llm_cost_exporter.ledger import BatchResult, LedgerRejected, sqlite_labels
+from llm_cost_exporter.ledger import (
+    BatchResult,
+    LedgerRejected,
+    LedgerUnavailable,
+    migrations,
+    sqlite_labels,
+)
 from llm_cost_exporter.ledger.migrations import MIGRATIONS, migrate
 from llm_cost_exporter.ledger.sqlite import SQLiteLedger
 
@@ -151,3 +158,64 @@ def test_a_changed_field_is_a_new_set() -> None:
     assert columns == ["department", "project", "provider", "model", "raw_department",
                        "raw_project", "raw_model", "user_name", "outcome", "priced",
                        "price_source", "source", "estimated"]
+
+
+def v4_ledger(path: Path, events: int) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, target=4)
+    conn.executemany(
+        "INSERT INTO events (request_id, ts, department, project, provider, model, outcome,"
+        " input, cache_read, cache_write, cache_write_1h, output, reasoning, cost_usd, priced,"
+        " price_source, source, recorded_at) VALUES (?, 1.0, 'eng', 'app', 'openai', 'gpt-4o',"
+        " 'success', 1, 0, 0, 0, 1, 0, '0.1', 1, 'test', 'ingest', 1.0)",
+        [(f"r{i}",) for i in range(events)])
+    conn.close()
+
+
+def test_an_upgrade_that_would_lose_an_event_fails_and_leaves_the_ledger_as_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "l.db"
+    v4_ledger(path, 3)
+    # A broken conversion that drops the first event: the check must refuse to commit it.
+    broken = MIGRATIONS[4].replace("ORDER BY e.id;", "WHERE e.id > 1 ORDER BY e.id;")
+    assert broken != MIGRATIONS[4]
+    monkeypatch.setattr(migrations, "MIGRATIONS", (*MIGRATIONS[:4], broken))
+    with pytest.raises(LedgerUnavailable, match="CHECK constraint failed"):
+        SQLiteLedger(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone() == (4,)
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (3,)
+        assert conn.execute("SELECT type FROM sqlite_master WHERE name = 'events'"
+                            ).fetchone() == ("table",)
+
+
+def test_an_upgrade_without_room_on_the_disk_is_refused_before_it_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "l.db"
+    v4_ledger(path, 100)
+    size = path.stat().st_size
+    # Room for one more copy of the file, not for two: refused, with the figures.
+    monkeypatch.setattr(migrations.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(
+        10**12, 10**12 - size, size))
+    with pytest.raises(LedgerUnavailable, match=r"schema version 5 copies its events and needs"
+                                                r" about 0 MB free on its disk; 0 MB are free"):
+        SQLiteLedger(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone() == (4,)
+    monkeypatch.setattr(migrations.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(
+        10**12, 10**12 - 2 * size, 2 * size))
+    SQLiteLedger(path).close()  # room for two copies: upgraded
+    assert rows(path, "SELECT COUNT(*) FROM events") == [(100,)]
+
+
+def test_sets_with_long_strings_are_not_cached_and_still_found(tmp_path: Path) -> None:
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    long_user = "u" * 65  # past MAX_CACHED_CHARS: one indexed lookup per event instead
+    assert ledger.record([[priced("a", user=long_user), priced("b", user="short")]]) == [
+        BatchResult(2, 0)]
+    assert ledger.record([[priced("c", user=long_user)]]) == [BatchResult(1, 0)]
+    assert sorted(key[4] for key in ledger._label_sets.known) == ["short"]
+    ledger.close()
+    assert rows(tmp_path / "l.db", "SELECT request_id, user_name FROM events ORDER BY id") == [
+        ("a", long_user), ("b", "short"), ("c", long_user)]
+    assert rows(tmp_path / "l.db", "SELECT COUNT(*) FROM label_sets") == [(2,)]

@@ -34,9 +34,11 @@ from llm_cost_exporter.ledger.sqlite_wal import Checkpointer, bound_wal, connect
 
 SLOT_SECONDS = 900
 PICO = Decimal("1e12")
+ZERO = Decimal(0)
 # Largest pico-USD value bound in one statement: half of 2^63, so the sum SQLite computes
 # with the value already stored stays an integer far longer.
 _SLOT_ROW_MAX = 2**62
+
 
 class SQLiteLedger:
     def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
@@ -208,8 +210,10 @@ class SQLiteLedger:
             group = (lab, outcome)
             acc = sums.get(group)
             if acc is None:
+                # A zero cost is not added (as before): a zero of another exponent ("0.00")
+                # would change the stored sum's digits, not its value.
                 sums[group] = [1, t_input, t_read, t_write, t_output, t_reasoning,
-                               not is_priced, estimated, cost]
+                               not is_priced, estimated, ZERO + cost if cost else ZERO]
             else:
                 acc[0] += 1
                 acc[1] += t_input
@@ -221,7 +225,8 @@ class SQLiteLedger:
                     acc[6] += 1
                 if estimated:
                     acc[7] += 1
-                acc[8] += cost
+                if cost:
+                    acc[8] += cost
             if cost:
                 slot = (department, project, int(ts // SLOT_SECONDS) * SLOT_SECONDS)
                 pico = int((cost * PICO).to_integral_value(ROUND_HALF_EVEN))

@@ -27,10 +27,12 @@ _FIND = ("SELECT id FROM label_sets WHERE department = ? AND project = ? AND pro
          "AND user_name = ? AND outcome = ? AND priced = ? AND price_source = ? "
          "AND source = ? AND estimated = ?")
 _INSERT = f"INSERT INTO label_sets ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
-# Bounded: users and raw values (an attacker's project names) have no cap. A key with its
-# strings is about 300 bytes, so 8,192 keys are about 2.5 MB; past that the cache starts
-# again, and a miss costs one lookup in the table's UNIQUE index.
+# Bounded: users and raw values (an attacker's project names) have no cap. Only keys whose
+# client-sent strings are all short are cached (as ingest's label cache does), so a key is
+# at most about 1 KB and 8,192 keys a few MB; past that the cache starts again. A key not
+# cached costs one lookup in the table's UNIQUE index per event.
 MAX_CACHED = 8_192
+MAX_CACHED_CHARS = 64
 
 
 class LabelSets:
@@ -51,7 +53,9 @@ class LabelSets:
         values = (labels.department, labels.project, labels.provider, labels.model, *rest)
         row = conn.execute(_FIND, values).fetchone()
         found = int(row[0] if row is not None else conn.execute(_INSERT, values).lastrowid)
-        self._batch[key] = found
+        # Not cached, a set is still found: this connection sees its own uncommitted rows.
+        if max(len(v) for v in values if type(v) is str) <= MAX_CACHED_CHARS:
+            self._batch[key] = found
         return found
 
     def batch_kept(self) -> None:
