@@ -171,8 +171,8 @@ def migrate(conn: sqlite3.Connection, target: int | None = None) -> int:
 
 
 # Migrations that copy every event: while one runs (one transaction), the new rows sit in
-# the write-ahead log beside the old ones. bench/startup.py: 4.6 s per 1,000,000 events;
-# the review measured the database and its log at 2.85 times the file at their peak.
+# the write-ahead log beside the old ones. bench/startup.py: 4.3 s for 1,000,000 events and
+# 67 s for 10,000,000; at their peak the database and its log took 2.85 times the old file.
 REWRITES_EVENTS = frozenset({5})
 ROOM_FACTOR = 2
 
@@ -193,6 +193,6 @@ def _check_room(conn: sqlite3.Connection, number: int) -> None:
             f"upgrading the ledger {path} to schema version {number} copies its events and "
             f"needs about {ROOM_FACTOR * size / 1e6:,.0f} MB free on its disk; "
             f"{free / 1e6:,.0f} MB are free")
-    log.info("upgrading the ledger schema: this copies every event once (about 5 s per "
+    log.info("upgrading the ledger schema: this copies every event once (5-7 s per "
              "million events) and the exporter is not ready meanwhile",
              extra={"ledger": path, "schema_version": number, "ledger_bytes": size})
