@@ -26,6 +26,10 @@ def migrate(path: Path) -> int:
     from llm_cost_exporter.ledger.factory import migrate_ledger
 
     cfg = load_config(path)
+    # Before, not only after: SQLite's upgrade to schema 5 copies the events, 4-7 s per
+    # million of them; a big ledger would otherwise sit silent for minutes.
+    print(f"{cfg.ledger.describe()}: checking the schema; an upgrade of a big ledger can "
+          "take minutes", flush=True)
     try:
         before, after = migrate_ledger(cfg.ledger)
     except RuntimeError as exc:  # a schema newer than this exporter

@@ -181,18 +181,25 @@ def _check_room(conn: sqlite3.Connection, number: int) -> None:
     """Refuse, before it starts, an upgrade the disk has no room for, rather than fail
     with a full disk half-way (it would roll back, but only after minutes)."""
     path = conn.execute("PRAGMA database_list").fetchone()[2]
-    events = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'events'"
-                          " AND type = 'table'").fetchone()[0]
-    if not path or not events:  # in memory, or nothing to copy
-        return
+    if not path or conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events' AND "
+                                "type = 'table'").fetchone() is None:
+        return  # in memory, or no events table
+    if conn.execute("SELECT 1 FROM events LIMIT 1").fetchone() is None:
+        return  # nothing to copy (a new ledger passes through every migration)
+    wal = Path(path + "-wal")
     size = (conn.execute("PRAGMA page_count").fetchone()[0]
-            * conn.execute("PRAGMA page_size").fetchone()[0])
+            * conn.execute("PRAGMA page_size").fetchone()[0]
+            + (wal.stat().st_size if wal.exists() else 0))
     free = shutil.disk_usage(Path(path).parent).free
     if free < ROOM_FACTOR * size:
         raise LedgerUnavailable(
             f"upgrading the ledger {path} to schema version {number} copies its events and "
-            f"needs about {ROOM_FACTOR * size / 1e6:,.0f} MB free on its disk; "
-            f"{free / 1e6:,.0f} MB are free")
-    log.info("upgrading the ledger schema: this copies every event once (5-7 s per "
+            f"needs about {_size(ROOM_FACTOR * size)} free on its disk; {_size(free)} "
+            "are free")
+    log.info("upgrading the ledger schema: this copies every event once (4-7 s per "
              "million events) and the exporter is not ready meanwhile",
              extra={"ledger": path, "schema_version": number, "ledger_bytes": size})
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{n / 1e3:,.0f} kB"
