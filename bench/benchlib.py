@@ -54,10 +54,12 @@ DEFAULT_BUDGETS = (
 
 
 def write_config(path: Path, ledger: Path, *, max_values: int = 500,
-                 budgets: str = DEFAULT_BUDGETS) -> Path:
-    """A minimal exporter config: a temp SQLite ledger and a couple of budgets (YAML items)."""
+                 budgets: str = DEFAULT_BUDGETS, writer_process: bool = True) -> Path:
+    """A minimal exporter config: a temp SQLite ledger and a couple of budgets (YAML items).
+    writer_process: commit in the ledger writer process (the default) or on the loop."""
     path.write_text(
-        f"ledger: {{backend: sqlite, path: {json.dumps(str(ledger))}, synchronous: NORMAL}}\n"
+        f"ledger: {{backend: sqlite, path: {json.dumps(str(ledger))}, synchronous: NORMAL, "
+        f"writer_process: {'true' if writer_process else 'false'}}}\n"
         f"labels: {{max_values_per_label: {max_values}}}\n"
         "log: {level: WARNING}\n"
         "budgets:\n" + budgets
@@ -146,23 +148,64 @@ def http_get(port: int, path: str, headers: dict[str, str] | None = None,
         conn.close()
 
 
+def process_tree(pid: int) -> list[int]:
+    """The process and its live descendants (the exporter's ledger writer process)."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        try:
+            with open(f"/proc/{pids[i]}/task/{pids[i]}/children") as f:
+                pids.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+        i += 1
+    return pids
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process in MB."""
-    rss = hwm = float("nan")
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) / 1024
-            elif line.startswith("VmHWM:"):
-                hwm = int(line.split()[1]) / 1024
+    """(VmRSS, VmHWM) in MB of a process plus its live children: what it costs in memory
+    (the exporter's writer process included). Shared pages count twice: an upper bound."""
+    rss = hwm = 0.0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss += int(line.split()[1]) / 1024
+                    elif line.startswith("VmHWM:"):
+                        hwm += int(line.split()[1]) / 1024
+        except OSError:
+            continue
     return rss, hwm
 
 
+def pss_mb(pid: int) -> float:
+    """Proportional set size in MB of a process plus its live children: shared pages (the
+    Python library, SQLite) divided among the processes that map them, so the sum counts
+    them once."""
+    pss = 0.0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1]) / 1024
+                        break
+        except OSError:
+            continue
+    return pss
+
+
 def cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of a process (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """user + system CPU seconds of a process and its live children (all their threads)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
 
 
 def wrk(url: str, lua: Path, *, connections: int, seconds: int, threads: int = 1,

@@ -237,6 +237,9 @@ def main() -> int:
     p.add_argument("--profile", metavar="DIR",
                    help="after the measured runs, profile the exporter with py-spy (extra runs)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (ledger, logs)")
+    p.add_argument("--writer", choices=("process", "inline"), default="process",
+                   help="process: commit in the ledger writer process (the default); inline: "
+                        "ledger.writer_process: false, one process committing on its loop")
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
@@ -246,7 +249,7 @@ def main() -> int:
     single_bytes = len(sample_body(body_pieces(1, unique)))
     batch_bytes = len(sample_body(body_pieces(args.batch, unique)))
     db = tmp / "ledger.db"
-    config = write_config(tmp / "config.yaml", db)
+    config = write_config(tmp / "config.yaml", db, writer_process=args.writer == "process")
     floor_port = free_port()
     floor = Server("noop-floor", noop_cmd(floor_port), floor_port, tmp / "noop.log",
                    ready_path="/docs")
@@ -257,7 +260,8 @@ def main() -> int:
           f"run, {args.rounds} round(s); single body {single_bytes} B, batch body "
           f"{batch_bytes} B ({args.batch} events); request_id "
           f"{'unique per event, ' + args.ids if unique else 'absent'}"
-          f"{'; an Idempotency-Key per request' if args.ids == 'key' else ''}")
+          f"{'; an Idempotency-Key per request' if args.ids == 'key' else ''}; ledger writer: "
+          f"{args.writer}")
     print(f"# python {sys.version.split()[0]}; temp dir {tmp}")
 
     runs: list[Run] = []

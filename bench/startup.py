@@ -45,6 +45,7 @@ from benchlib import (
     http_get,
     noop_cmd,
     print_table,
+    pss_mb,
     rmtree,
     rss_mb,
     verdict,
@@ -206,7 +207,7 @@ def batch_body(run: str, start: int, size: int, ts: float) -> bytes:
 
 
 def ingest(server: Server, total: int, batch: int, clients: int,
-           samples: int = 10) -> list[tuple[int, float, float, float]]:
+           samples: int = 10) -> list[tuple[int, float, float, float, float]]:
     """Post `total` events; returns (events acked, seconds, RSS MB, peak MB) samples."""
     run = f"i{int(time.time())}"
     ts = time.time() - 60
@@ -239,7 +240,7 @@ def ingest(server: Server, total: int, batch: int, clients: int,
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
     t0 = time.perf_counter()
-    timeline = [(0, 0.0, *rss_mb(server.pid))]
+    timeline = [(0, 0.0, *rss_mb(server.pid), pss_mb(server.pid))]
     for t in threads:
         t.start()
     step = max(1, total // samples)
@@ -249,13 +250,15 @@ def ingest(server: Server, total: int, batch: int, clients: int,
         time.sleep(0.05)
         done = acked[0]
         if next_mark <= done < total:
-            timeline.append((done, time.perf_counter() - t0, *rss_mb(server.pid)))
+            timeline.append((done, time.perf_counter() - t0, *rss_mb(server.pid),
+                             pss_mb(server.pid)))
             next_mark = (done // step + 1) * step
     for t in threads:
         t.join(5)
     if errors:
         raise SystemExit(f"ingest failed: {errors[0]}")
-    timeline.append((acked[0], time.perf_counter() - t0, *rss_mb(server.pid)))
+    timeline.append((acked[0], time.perf_counter() - t0, *rss_mb(server.pid),
+                     pss_mb(server.pid)))
     return timeline
 
 
@@ -300,7 +303,7 @@ def main() -> int:
           f"{sys.version.split()[0]}; dir {tmp}", flush=True)
     rows: list[list[object]] = []
     results: dict[int, float] = {}
-    timeline: list[tuple[int, float, float, float]] = []
+    timeline: list[tuple[int, float, float, float, float]] = []
     try:
         port = free_port()
         floor_times, floor_rss, _ = time_start("noop-floor", noop_cmd(port), port,
@@ -359,8 +362,11 @@ def main() -> int:
         print(f"\nRSS while ingesting {args.ingest_events:,} events through POST /v1/usage "
               f"(batches of {args.batch}, {args.clients} connections), on the "
               f"{min(n for n in args.sizes if n):,}-event ledger:")
-        print_table(["events acked", "seconds", "events/s", "RSS MB", "peak MB"],
-                    [[a, s, a / s if s else float("nan"), r, h] for a, s, r, h in timeline])
+        print_table(["events acked", "seconds", "events/s", "RSS MB", "peak MB", "PSS MB"],
+                    [[a, s, a / s if s else float("nan"), r, h, pss]
+                     for a, s, r, h, pss in timeline])
+        print("(the exporter's processes summed: the server and its ledger writer; RSS counts "
+              "pages they share twice, PSS once)")
     print("\ntargets:")
     checks: list[list[object]] = []
     for n, med in results.items():
@@ -371,7 +377,7 @@ def main() -> int:
     if timeline:
         start_rss, end_rss = timeline[0][2], timeline[-1][2]
         warm = timeline[1][2] if len(timeline) > 2 else start_rss  # after the first ~10%
-        peak = max(h for *_, h in timeline)
+        peak = max(h for _, _, _, h, _ in timeline)
         checks.append(["RSS after start / after ingest (peak)",
                        f"{start_rss:.1f} / {end_rss:.1f} ({peak:.1f}) MB",
                        f"< {TARGET_RSS_MB:.0f} MB", verdict(max(end_rss, peak) < TARGET_RSS_MB)])

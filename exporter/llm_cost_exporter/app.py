@@ -229,7 +229,7 @@ def _scoped(key: str, authorization: str | None, tokens: tuple[str, ...]) -> str
 async def _lookup_key(ledger: Ledger, key: BatchKey) -> BatchResult | IdempotencyConflict | None:
     # A local SQLite read takes microseconds; a database across the network runs in a thread
     # so the event loop never waits on it.
-    if getattr(ledger, "cheap_commits", False):
+    if getattr(ledger, "cheap_reads", False):
         return ledger.lookup_key(key)
     return await asyncio.to_thread(ledger.lookup_key, key)
 

@@ -39,6 +39,19 @@ INLINE_MAX_EVENTS = 256
 INLINE_MAX_FLUSH_EVENTS = 1024
 
 
+def count_to_take(pending: Sequence[tuple[Sequence[PricedEvent], Any, Any]],
+                  max_events: int) -> int:
+    """How many queued batches, from the first, one commit takes: up to max_events events,
+    and always one batch at least."""
+    taken = size = 0
+    for batch, _, _ in pending:
+        if taken and size + len(batch) > max_events:
+            break
+        taken += 1
+        size += len(batch)
+    return taken
+
+
 class CommitQueue:
     def __init__(self, ledger: Ledger, max_events_per_commit: int = 20_000,
                  inline: bool = False) -> None:
@@ -85,12 +98,7 @@ class CommitQueue:
 
     def _take_inline(self) -> list[tuple[Sequence[PricedEvent], BatchKey | None,
                                          asyncio.Future[BatchResult]]]:
-        taken = size = 0
-        for batch, _, _ in self._pending:
-            if taken and size + len(batch) > INLINE_MAX_FLUSH_EVENTS:
-                break
-            taken += 1
-            size += len(batch)
+        taken = count_to_take(self._pending, INLINE_MAX_FLUSH_EVENTS)
         pending, self._pending = self._pending[:taken], self._pending[taken:]
         return pending
 

@@ -17,7 +17,7 @@ INSTANCE_ENV = "LLM_EXPORTER_INSTANCE"
 # Hostnames, pod names and compose service names all fit; the name is stored in every
 # event and totals row, so it stays short and printable.
 _INSTANCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
-_SQLITE_ONLY = ("path", "synchronous")
+_SQLITE_ONLY = ("path", "synchronous", "writer_process")
 _POSTGRES_ONLY = ("dsn_env", "dsn_file", "pool_size")
 
 
@@ -28,6 +28,9 @@ class LedgerConfig:
     # NORMAL survives a killed process (the case that matters for a sidecar); FULL also
     # survives power loss at a cost in commit latency.
     synchronous: str = "NORMAL"
+    # SQLite only: serve commits in a process of its own, on the second core (see
+    # ledger/sqlite_process.py); false keeps one process (about 30 MB less memory).
+    writer_process: bool = True
     # PostgreSQL only. The DSN usually holds a password: kept out of repr() and logs.
     dsn: str | None = field(default=None, repr=False)
     # Which replica this process is: its counters are the totals recorded under this name.
@@ -57,7 +60,7 @@ def dsn_summary(dsn: str) -> str:
 def parse_ledger(obj: Mapping[str, Any], base_dir: Path, env: Mapping[str, str],
                  p: Problems) -> LedgerConfig:
     p.unknown_keys(obj, {"backend", "path", "synchronous", "dsn", "dsn_env", "dsn_file",
-                         "instance", "pool_size"}, "ledger")
+                         "instance", "pool_size", "writer_process"}, "ledger")
     backend = obj.get("backend", "sqlite")
     if backend not in BACKENDS:
         p.add("ledger.backend", "must be 'sqlite' or 'postgres'")
@@ -71,7 +74,12 @@ def parse_ledger(obj: Mapping[str, Any], base_dir: Path, env: Mapping[str, str],
         for key in _POSTGRES_ONLY:
             if key in obj:
                 p.add(f"ledger.{key}", "only used with backend: postgres")
-        return LedgerConfig(backend="sqlite", path=path, synchronous=sync, instance=instance)
+        writer_process = obj.get("writer_process", True)
+        if not isinstance(writer_process, bool):
+            p.add("ledger.writer_process", "must be true or false")
+            writer_process = True
+        return LedgerConfig(backend="sqlite", path=path, synchronous=sync, instance=instance,
+                            writer_process=writer_process)
     for key in _SQLITE_ONLY:
         if key in obj:
             p.add(f"ledger.{key}", "only used with backend: sqlite")

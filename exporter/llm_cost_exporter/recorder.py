@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 from llm_cost_exporter.budget_guard import BudgetGuard
+from llm_cost_exporter.commit_pipe import PipeCommitQueue
 from llm_cost_exporter.commit_queue import CommitQueue
 from llm_cost_exporter.events import PricedEvent, UsageEvent
 from llm_cost_exporter.labels import LabelGuard, LabelTicket
@@ -21,7 +22,7 @@ class Prepared(list[PricedEvent]):
 
 
 class Recorder:
-    def __init__(self, pricer: Pricer, guard: LabelGuard, commits: CommitQueue,
+    def __init__(self, pricer: Pricer, guard: LabelGuard, commits: CommitQueue | PipeCommitQueue,
                  budgets: BudgetGuard | None = None) -> None:
         self.pricer = pricer
         self.guard = guard

@@ -39,7 +39,7 @@ def serve(config_path: Path, listen: str | None, allow_public_listen: bool) -> i
             f"listen: {host} is not a loopback address and auth is off for "
             f"{' and '.join(unprotected)}; set the tokens, or pass --allow-public-listen if "
             "a firewall or network policy protects the port"])
-    ledger = open_ledger(config.ledger)
+    ledger = open_ledger(config.ledger, serving=True)
     app = create_app(config, ledger, SystemClock(), price_db=GenAIPricesDB())
     # What start-up built (the price database, FastAPI's models, the totals) lives as long as
     # the process: freezing it keeps the collector from walking it again on every full

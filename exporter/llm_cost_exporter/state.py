@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from llm_cost_exporter.budget_guard import BudgetGuard
 from llm_cost_exporter.clock import Clock
 from llm_cost_exporter.collector import LedgerCollector
+from llm_cost_exporter.commit_pipe import PipeCommitQueue
 from llm_cost_exporter.commit_queue import CommitQueue
 from llm_cost_exporter.config import Config, load_config
 from llm_cost_exporter.exposition import UsageRenderer
@@ -45,7 +46,9 @@ class ExporterState:
         if label_values is not None:
             for label, values in label_values().items():
                 self.guard.seed(label, values)
-        self.commits = CommitQueue(ledger, inline=getattr(ledger, "cheap_commits", False))
+        self.commits: CommitQueue | PipeCommitQueue = (
+            PipeCommitQueue(ledger) if hasattr(ledger, "send_record")  # type: ignore[arg-type]
+            else CommitQueue(ledger, inline=getattr(ledger, "cheap_commits", False)))
         self.budget_guard = self._budget_guard(config)
         self.recorder = Recorder(Pricer(config.price_table, price_db), self.guard, self.commits,
                                  self.budget_guard)

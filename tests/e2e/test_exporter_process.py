@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from typing import Any
@@ -95,3 +97,53 @@ def test_promtool_accepts_real_output(exporter_factory: Callable[..., ExporterPr
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b""), result
     assert metric_value(text, "llm_requests_total", model='we"ird}\\model',
                         project='quote"d') == 1
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def test_both_writer_modes_record_the_same(
+        exporter_factory: Callable[..., ExporterProcess], tmp_path: Any) -> None:
+    """Default: one ledger writer process beside the server, gone after SIGTERM with every
+    acknowledged event committed. writer_process: false: one process. Same numbers."""
+    events = payload_events()
+    texts = []
+    for mode in (True, False):
+        exporter = exporter_factory({
+            "ledger": {"path": str(tmp_path / f"mode-{mode}.db"), "writer_process": mode},
+            "defaults": {"department": "unattributed", "project": "unattributed"}})
+        assert exporter.proc is not None
+        children = _children(exporter.proc.pid)
+        if mode:
+            assert len(children) == 1
+            with open(f"/proc/{children[0]}/cmdline", "rb") as f:
+                assert b"llm_cost_exporter.ledger.sqlite_writer" in f.read()
+        else:
+            assert children == []
+        response = exporter.post_usage(events)
+        assert response.status_code == 202 and response.json() == {"accepted": 10,
+                                                                    "duplicates": 0}
+        texts.append(_usage_lines(exporter.metrics()))
+        exporter.stop()
+        assert exporter.log_path is not None
+        assert "Application shutdown complete." in exporter.log_path.read_text()
+        for child in children:  # the writer left with the server
+            assert not os.path.exists(f"/proc/{child}") or _zombie(child)
+    assert texts[0] == texts[1]
+    for mode in (True, False):
+        with sqlite3.connect(tmp_path / f"mode-{mode}.db") as conn:
+            assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (10,)
+    # engineering/ai-features: 0.032678 USD (hand-computed above), the same in both modes
+    cost = sum(float(line.rsplit(" ", 1)[1]) for line in texts[0]
+               if line.startswith("llm_cost_usd_total") and 'project="ai-features"' in line)
+    assert abs(cost - AI_FEATURES) < 1e-9
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -83,3 +83,14 @@ def test_check_config_shows_the_ledger_without_secrets(
     out = capsys.readouterr().out
     assert "ledger: postgres db.internal:5432/llm as exporter (instance replica-1)" in out
     assert "s3cret" not in out
+
+
+def test_sqlite_writer_process_switch(tmp_path: Path) -> None:
+    assert parse_config({}, tmp_path, env={}).ledger.writer_process is True
+    cfg = parse_config({"ledger": {"writer_process": False}}, tmp_path, env={})
+    assert cfg.ledger.writer_process is False
+    assert problems({"ledger": {"writer_process": "no"}}, tmp_path) == {
+        "ledger.writer_process: must be true or false"}
+    assert problems({"ledger": {"backend": "postgres", "dsn_env": "PG",
+                                "writer_process": True}}, tmp_path, env={"PG": DSN}) == {
+        "ledger.writer_process: only used with backend: sqlite"}

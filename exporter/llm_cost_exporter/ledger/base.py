@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -127,6 +127,15 @@ class Totals:
 
     series: dict[SeriesKey, SeriesTotals] = field(default_factory=dict)
     latency: dict[tuple[str, str], LatencyTotals] = field(default_factory=dict)
+
+
+def label_values(keys: Iterable[SeriesKey]) -> dict[str, set[str]]:
+    """The values each label has in the committed totals (what the label guard starts with)."""
+    keys = list(keys)
+    return {
+        "department": {k.department for k in keys}, "project": {k.project for k in keys},
+        "provider": {k.provider for k in keys}, "model": {k.model for k in keys},
+    }
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,11 +6,14 @@ from llm_cost_exporter.config_ledger import LedgerConfig
 from llm_cost_exporter.ledger.base import Ledger, LedgerUnavailable
 
 
-def open_ledger(config: LedgerConfig, claim_timeout: float | None = None) -> Ledger:
+def open_ledger(config: LedgerConfig, claim_timeout: float | None = None,
+                serving: bool = False) -> Ledger:
     """Open (and migrate) the configured ledger; raises LedgerUnavailable.
 
     claim_timeout: how long a PostgreSQL ledger waits for another process holding the same
     instance name to go away (serve waits for a killed predecessor; tools do not).
+    serving: `serve` opens it; a SQLite ledger then commits in a writer process of its own
+    (unless `ledger.writer_process: false`), tools write in their own process.
     """
     if config.backend == "postgres":
         # Imported here: psycopg is only needed by deployments that use PostgreSQL.
@@ -19,6 +22,10 @@ def open_ledger(config: LedgerConfig, claim_timeout: float | None = None) -> Led
         assert config.dsn is not None  # config validation guarantees it
         return PostgresLedger(config.dsn, config.instance, config.pool_size,
                               claim_timeout=claim_timeout)
+    if serving and config.writer_process:
+        from llm_cost_exporter.ledger.sqlite_process import SQLiteProcessLedger
+
+        return SQLiteProcessLedger(config.path, config.synchronous)
     from llm_cost_exporter.ledger.sqlite import SQLiteLedger
 
     return SQLiteLedger(config.path, config.synchronous)

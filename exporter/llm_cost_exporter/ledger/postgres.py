@@ -95,6 +95,7 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
 class PostgresLedger:
     # Commits wait on the network: CommitQueue keeps its writer thread for them.
     cheap_commits = False
+    cheap_reads = False
     # Other processes write it too: budget enforcement re-reads spend in the background.
     shared = True
 

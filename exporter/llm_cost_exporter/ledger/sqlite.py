@@ -26,6 +26,7 @@ from llm_cost_exporter.ledger.base import (
     SeriesTotals,
     Totals,
     ValueOutOfRange,
+    label_values,
     stored_key_result,
 )
 from llm_cost_exporter.ledger.migrations import migrate
@@ -49,6 +50,7 @@ class SQLiteLedger:
         # WAL + synchronous=NORMAL commits without fsync: cheap enough to run on the event
         # loop (see CommitQueue). FULL waits for the disk, so it keeps the writer thread.
         self.cheap_commits = synchronous.upper() == "NORMAL"
+        self.cheap_reads = True  # a local file: lookups run on the event loop
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._totals_lock = threading.Lock()
@@ -59,30 +61,18 @@ class SQLiteLedger:
             self._checkpointer = Checkpointer(path, synchronous)
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"cannot open ledger {path}: {exc}") from exc
-        self._totals = self._load_totals()
+        self._totals = load_totals(self._writer)
+        # The running totals the last commit published (what changed): a writer process
+        # sends them to the process that serves /metrics (see sqlite_process.py).
+        self.published: tuple[dict[SeriesKey, SeriesTotals],
+                              dict[tuple[str, str], LatencyTotals]] = ({}, {})
         self._label_sets = LabelSets()
-
-    # -- start-up -------------------------------------------------------------------------
-    def _load_totals(self) -> Totals:
-        totals = Totals()
-        for row in self._writer.execute(
-            "SELECT department, project, provider, model, outcome, requests, input, cache_read,"
-            " cache_write, output, reasoning, unpriced, cost_usd, estimated FROM totals"
-        ):
-            totals.series[SeriesKey(*row[:5])] = SeriesTotals(
-                requests=row[5], input=row[6], cache_read=row[7], cache_write=row[8],
-                output=row[9], reasoning=row[10], unpriced=row[11], cost=Decimal(row[12]),
-                estimated=row[13])
-        for provider, model, counts, total, count in self._writer.execute(
-            "SELECT provider, model, counts, total, count FROM latency_totals"
-        ):
-            totals.latency[(provider, model)] = LatencyTotals(json.loads(counts), total, count)
-        return totals
 
     # -- writes ---------------------------------------------------------------------------
     def record(self, batches: Sequence[Sequence[PricedEvent]],
                keys: Sequence[BatchKey | None] | None = None) -> list[BatchResult | Exception]:
         with self._write_lock:
+            self.published = ({}, {})
             return self._record(batches, keys or [None] * len(batches))
 
     def _record(self, batches: Sequence[Sequence[PricedEvent]],
@@ -104,7 +94,7 @@ class SQLiteLedger:
                 if key is not None:
                     # Inside this transaction: also sees a key an earlier batch of this
                     # same commit stored (a failed batch's savepoint took its key away).
-                    earlier = _stored_key(conn, key)
+                    earlier = stored_key(conn, key)
                     if earlier is not None:  # a retry (or a reused key): nothing is written
                         results.append(earlier)
                         continue
@@ -160,6 +150,7 @@ class SQLiteLedger:
         with self._totals_lock:
             self._totals.series.update(new_series)
             self._totals.latency.update(new_latency)
+        self.published = (new_series, new_latency)
         bound_wal(self._wal, self._writer)
         return results
 
@@ -307,49 +298,22 @@ class SQLiteLedger:
     def lookup_key(self, key: BatchKey) -> BatchResult | IdempotencyConflict | None:
         with self._read_lock:
             try:
-                return _stored_key(self._reader, key)
+                return stored_key(self._reader, key)
             except sqlite3.Error as exc:
                 raise LedgerUnavailable(f"ledger not readable: {exc}") from exc
 
     def spend(self, department: str, project: str | None, start: datetime,
               end: datetime) -> Decimal:
-        lo, hi = int(start.timestamp()), int(end.timestamp())
-        if project is None:
-            sql = ("SELECT cost_pico FROM spend_slots WHERE department=? AND slot>=? AND slot<?")
-            args: tuple[object, ...] = (department, lo, hi)
-        else:
-            sql = ("SELECT cost_pico FROM spend_slots WHERE department=? AND project=?"
-                   " AND slot>=? AND slot<?")
-            args = (department, project, lo, hi)
         with self._read_lock:
-            try:
-                rows = self._reader.execute(sql, args).fetchall()
-            except sqlite3.Error as exc:
-                raise LedgerUnavailable(f"ledger not readable: {exc}") from exc
-        # Summed in Python: arbitrary precision, no 64-bit overflow. (Had SQLite's own sum in
-        # a row overflowed, it stored a float; str() keeps that row usable.)
-        return sum((Decimal(r[0]) if isinstance(r[0], int) else Decimal(str(r[0]))
-                    for r in rows), Decimal(0)) / PICO
+            return read_spend(self._reader, department, project, start, end)
 
     def check(self) -> None:
-        """A real (tiny) committed write: proves the file and the disk take writes now."""
         with self._write_lock:
-            try:
-                self._writer.execute("BEGIN IMMEDIATE")
-                self._writer.execute("INSERT OR REPLACE INTO health (id, checked_at) "
-                                     "VALUES (1, ?)", (time.time(),))
-                self._writer.execute("COMMIT")
-            except sqlite3.Error as exc:
-                _rollback(self._writer)
-                raise LedgerUnavailable(f"ledger not writable: {exc}") from exc
+            write_health(self._writer)
 
     def label_values(self) -> dict[str, set[str]]:
         with self._totals_lock:
-            keys = list(self._totals.series)
-        return {
-            "department": {k.department for k in keys}, "project": {k.project for k in keys},
-            "provider": {k.provider for k in keys}, "model": {k.model for k in keys},
-        }
+            return label_values(list(self._totals.series))
 
     def close(self) -> None:
         with self._write_lock, self._read_lock:
@@ -358,7 +322,58 @@ class SQLiteLedger:
             self._writer.close()
 
 
-def _stored_key(conn: sqlite3.Connection, key: BatchKey
+def load_totals(conn: sqlite3.Connection) -> Totals:
+    """The committed running totals, as start-up reads them (never from the events)."""
+    totals = Totals()
+    for row in conn.execute(
+        "SELECT department, project, provider, model, outcome, requests, input, cache_read,"
+        " cache_write, output, reasoning, unpriced, cost_usd, estimated FROM totals"
+    ):
+        totals.series[SeriesKey(*row[:5])] = SeriesTotals(
+            requests=row[5], input=row[6], cache_read=row[7], cache_write=row[8],
+            output=row[9], reasoning=row[10], unpriced=row[11], cost=Decimal(row[12]),
+            estimated=row[13])
+    for provider, model, counts, total, count in conn.execute(
+        "SELECT provider, model, counts, total, count FROM latency_totals"
+    ):
+        totals.latency[(provider, model)] = LatencyTotals(json.loads(counts), total, count)
+    return totals
+
+
+def write_health(conn: sqlite3.Connection) -> None:
+    """A real (tiny) committed write: proves the file and the disk take writes now."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)",
+                     (time.time(),))
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        _rollback(conn)
+        raise LedgerUnavailable(f"ledger not writable: {exc}") from exc
+
+
+def read_spend(conn: sqlite3.Connection, department: str, project: str | None,
+               start: datetime, end: datetime) -> Decimal:
+    """USD spent in [start, end), from the 15-minute spend slots."""
+    lo, hi = int(start.timestamp()), int(end.timestamp())
+    if project is None:
+        query = "SELECT cost_pico FROM spend_slots WHERE department=? AND slot>=? AND slot<?"
+        args: tuple[object, ...] = (department, lo, hi)
+    else:
+        query = ("SELECT cost_pico FROM spend_slots WHERE department=? AND project=?"
+                 " AND slot>=? AND slot<?")
+        args = (department, project, lo, hi)
+    try:
+        rows = conn.execute(query, args).fetchall()
+    except sqlite3.Error as exc:
+        raise LedgerUnavailable(f"ledger not readable: {exc}") from exc
+    # Summed in Python: arbitrary precision, no 64-bit overflow. (Had SQLite's own sum in a
+    # row overflowed, it stored a float; str() keeps that row usable.)
+    return sum((Decimal(r[0]) if isinstance(r[0], int) else Decimal(str(r[0]))
+                for r in rows), Decimal(0)) / PICO
+
+
+def stored_key(conn: sqlite3.Connection, key: BatchKey
                 ) -> BatchResult | IdempotencyConflict | None:
     """The first result of a batch sent with this key before, or None if the key is new."""
     row = conn.execute("SELECT digest, accepted, duplicates FROM ingest_keys WHERE key = ?",
