@@ -28,6 +28,7 @@ from llm_cost_exporter.ledger import (
     BatchResult,
     IdempotencyConflict,
     Ledger,
+    LedgerOutcomeUnknown,
     LedgerRejected,
     LedgerUnavailable,
 )
@@ -254,6 +255,11 @@ def _unavailable(state: ExporterState, exc: LedgerUnavailable) -> Response:
     state.stats.reject("unavailable")
     state.stats.ledger_error()
     log.error("ledger write failed", extra={"error": str(exc)})
+    if isinstance(exc, LedgerOutcomeUnknown):
+        return _error(503, "ledger_outcome_unknown",
+                      "the ledger writer stopped before confirming this batch: it may have "
+                      "been recorded; retry with the same request_id or Idempotency-Key "
+                      "(counted once)", headers={"Retry-After": "5"})
     return _error(503, "ledger_unavailable",
                   "the ledger cannot be written; nothing was recorded, retry later",
                   headers={"Retry-After": "5"})

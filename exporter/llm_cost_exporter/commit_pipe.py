@@ -5,6 +5,10 @@ loop watches the pipe) answers that group's callers and sends the next group at 
 thread waits on the pipe: a thread beside a busy loop spends its time waiting for the GIL
 (see commit_queue.py), and the loop has nothing to wait for but the reply. Every caller is
 answered only after the commit that holds its batch, as with CommitQueue.
+
+A writer that is gone is started again by a thread while the batches wait; one that keeps
+a commit waiting REPLY_TIMEOUT is killed, and that commit's callers get a 503 saying its
+outcome is unknown (a retry with the same ids is counted once).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Protocol
 from llm_cost_exporter.commit_queue import count_to_take
 from llm_cost_exporter.events import PricedEvent
 from llm_cost_exporter.ledger import BatchKey, BatchResult
+from llm_cost_exporter.ledger.sqlite_process import REPLY_TIMEOUT, WriterNotReached
 
 # At most this many events per commit; the rest wait for the next one (a larger batch goes
 # alone). The writer holds a whole group decoded at once (about 1 KB per event), so this
@@ -28,6 +33,12 @@ _Pending = tuple[Sequence[PricedEvent], BatchKey | None, "asyncio.Future[BatchRe
 class PipedLedger(Protocol):
     def fileno(self) -> int: ...
 
+    def writer_alive(self) -> bool: ...
+
+    def start_writer(self) -> None: ...
+
+    def kill_writer(self) -> None: ...
+
     def send_record(self, batches: Sequence[Sequence[PricedEvent]],
                     keys: Sequence[BatchKey | None]) -> None: ...
 
@@ -35,13 +46,17 @@ class PipedLedger(Protocol):
 
 
 class PipeCommitQueue:
-    def __init__(self, ledger: PipedLedger) -> None:
+    def __init__(self, ledger: PipedLedger, reply_timeout: float = REPLY_TIMEOUT) -> None:
         self._ledger = ledger
+        self._reply_timeout = reply_timeout
         self._pending: list[_Pending] = []
         self._in_flight: list[_Pending] = []
         self._fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send_scheduled = False
+        self._starting = False  # a thread is starting a new writer
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._unsent = 0  # groups in a row that found the writer gone
         self.commits = 0
 
     async def record(self, batch: Sequence[PricedEvent], key: BatchKey | None = None
@@ -62,58 +77,88 @@ class PipeCommitQueue:
 
     def _send(self) -> None:
         self._send_scheduled = False
-        if self._in_flight or not self._pending:
+        if self._in_flight or self._starting or not self._pending:
+            return
+        loop = self._loop
+        assert loop is not None
+        if not self._ledger.writer_alive():
+            # Started in a thread: a spawn and a lock wait must not stall the loop. The
+            # batches wait in the queue meanwhile.
+            self._starting = True
+            loop.run_in_executor(None, self._ledger.start_writer).add_done_callback(
+                self._started)
             return
         group = self._take()
         try:
             self._ledger.send_record([b for b, _, _ in group], [k for _, k, _ in group])
-        except Exception as exc:  # the writer is gone: these callers learn why
+        except WriterNotReached as exc:
+            # Nothing of it reached the writer: send it again to the next one, unless
+            # writers keep dying before they can take anything.
+            self._unsent += 1
+            if self._unsent > 2:
+                _answer(group, [exc] * len(group))
+            else:
+                self._pending[:0] = group
+            loop.call_soon(self._send)
+            return
+        except Exception as exc:
             _answer(group, [exc] * len(group))
-            if self._pending and self._loop is not None:
-                self._loop.call_soon(self._send)
+            loop.call_soon(self._send)
             return
         self._in_flight = group
-        assert self._loop is not None
         self._fd = self._ledger.fileno()
-        self._loop.add_reader(self._fd, self._on_reply)
+        loop.add_reader(self._fd, self._on_reply)
+        self._watchdog = loop.call_later(self._reply_timeout, self._ledger.kill_writer)
+
+    def _started(self, done: asyncio.Future[None]) -> None:
+        self._starting = False
+        exc = done.exception()
+        if exc is not None:  # no writer: everyone waiting learns why
+            waiting, self._pending = self._pending, []
+            _answer(waiting, [exc] * len(waiting))
+        self._send()
 
     def _on_reply(self) -> None:
+        self._stop_watching()
+        self._finish()
+        self._send()
+
+    def _stop_watching(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._fd is not None and self._loop is not None:
             self._loop.remove_reader(self._fd)
             self._fd = None
-        self._finish()
-        self._send()
 
     def _finish(self) -> None:
         group, self._in_flight = self._in_flight, []
         results: Sequence[BatchResult | Exception]
         try:
             results = self._ledger.take_reply()
-        except Exception as exc:  # nothing of this commit is known to be written
+        except Exception as exc:  # LedgerOutcomeUnknown when the writer died meanwhile
             results = [exc] * len(group)
         else:
             self.commits += 1
+            self._unsent = 0
         _answer(group, results)
 
     def close(self, timeout: float = 30) -> None:
-        """Commit everything already queued (waiting for the reply on the spot)."""
-        if self._fd is not None and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-            self._fd = None
+        """Commit everything already queued (waiting for the replies on the spot)."""
+        self._stop_watching()
         if self._in_flight:
             self._finish()
         while self._pending:
-            self._send_now()
-
-    def _send_now(self) -> None:
-        group = self._take()
-        try:
-            self._ledger.send_record([b for b, _, _ in group], [k for _, k, _ in group])
-        except Exception as exc:
-            _answer(group, [exc] * len(group))
-            return
-        self._in_flight = group
-        self._finish()
+            group = self._take()
+            try:
+                if not self._ledger.writer_alive():
+                    self._ledger.start_writer()
+                self._ledger.send_record([b for b, _, _ in group], [k for _, k, _ in group])
+            except Exception as exc:
+                _answer(group, [exc] * len(group))
+                continue
+            self._in_flight = group
+            self._finish()
 
 
 def _answer(group: Sequence[_Pending], results: Sequence[BatchResult | Exception]) -> None:

@@ -29,7 +29,7 @@ class LedgerConfig:
     # survives power loss at a cost in commit latency.
     synchronous: str = "NORMAL"
     # SQLite only: serve commits in a process of its own, on the second core (see
-    # ledger/sqlite_process.py); false keeps one process (about 30 MB less memory).
+    # ledger/sqlite_process.py); false keeps one process (about 22 MB less memory).
     writer_process: bool = True
     # PostgreSQL only. The DSN usually holds a password: kept out of repr() and logs.
     dsn: str | None = field(default=None, repr=False)
@@ -41,7 +41,8 @@ class LedgerConfig:
         """Where the ledger is, for logs and check-config: never the password."""
         if self.backend == "postgres":
             return f"postgres {dsn_summary(self.dsn or '')} (instance {self.instance})"
-        return f"sqlite {self.path} (synchronous={self.synchronous})"
+        writer = "writer process" if self.writer_process else "one process"
+        return f"sqlite {self.path} (synchronous={self.synchronous}, {writer})"
 
 
 def dsn_summary(dsn: str) -> str:

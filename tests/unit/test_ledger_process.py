@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -33,9 +34,11 @@ from llm_cost_exporter.ledger import (
     BatchKey,
     BatchResult,
     IdempotencyConflict,
+    LedgerOutcomeUnknown,
     LedgerRejected,
     LedgerUnavailable,
     SeriesKey,
+    sqlite_process,
 )
 from llm_cost_exporter.ledger.sqlite import SQLiteLedger, load_totals
 from llm_cost_exporter.ledger.sqlite_process import SQLiteProcessLedger
@@ -107,27 +110,82 @@ def test_results_keep_their_kind_across_the_pipe(ledger: SQLiteProcessLedger) ->
     assert ledger.totals().series[KEY].cost == D("0.0070")
 
 
-def test_a_killed_writer_is_replaced_and_nothing_is_counted_twice(
-        ledger: SQLiteProcessLedger, tmp_path: Path) -> None:
+def _wait_dead(ledger: SQLiteProcessLedger) -> None:
+    # Until the ledger sees it gone (waitpid reaps it only once all its threads are).
+    deadline = time.monotonic() + 10
+    while ledger.writer_alive():
+        assert time.monotonic() < deadline, "the killed writer did not exit"
+        time.sleep(0.01)
+
+
+def test_a_dead_writer_is_replaced_before_the_next_write(ledger: SQLiteProcessLedger,
+                                                         tmp_path: Path) -> None:
     ledger.record([[ev("a")]])
     old = writer_pid(ledger)
     os.kill(old, signal.SIGKILL)
-    with pytest.raises(LedgerUnavailable, match="writer process exited"):
-        ledger.record([[ev("b")]])
-    # The next write starts a new writer, which re-reads the totals from the file.
+    _wait_dead(ledger)
+    # The next write starts a new writer first (nothing is refused), which re-reads the
+    # totals from the file.
     assert ledger.record([[ev("b"), ev("a")]]) == [BatchResult(1, 1)]
     assert writer_pid(ledger) != old
     assert ledger.totals().series[KEY].requests == 2
     assert file_totals(tmp_path / "ledger.db") == ledger.totals().series
 
 
+def test_a_writer_lost_after_it_got_the_batch_is_an_unknown_outcome(
+        ledger: SQLiteProcessLedger, tmp_path: Path) -> None:
+    old = writer_pid(ledger)
+    os.kill(old, signal.SIGSTOP)  # it cannot read the batch before it dies
+    ledger.send_record([[ev("lost")]], [None])
+    os.kill(old, signal.SIGKILL)
+    with pytest.raises(LedgerOutcomeUnknown, match="before confirming"):
+        ledger.take_reply()
+    # A retry with the same id is counted once, whatever happened.
+    assert ledger.record([[ev("lost")]]) in ([BatchResult(1, 0)], [BatchResult(0, 1)])
+    assert ledger.totals().series[KEY].requests == 1
+    assert file_totals(tmp_path / "ledger.db") == ledger.totals().series
+
+
+def test_the_queue_restarts_the_writer_off_the_loop_and_kills_a_stuck_one(
+        ledger: SQLiteProcessLedger, monkeypatch: pytest.MonkeyPatch) -> None:
+    starts: list[str] = []
+    real_start = ledger.start_writer
+
+    def spy() -> None:
+        starts.append(threading.current_thread().name)
+        real_start()
+
+    monkeypatch.setattr(ledger, "start_writer", spy)
+    monkeypatch.setattr(sqlite_process, "STALL_SECONDS", 0.2)
+    queue = PipeCommitQueue(ledger, reply_timeout=1.0)
+    stuck = writer_pid(ledger)
+    os.kill(stuck, signal.SIGSTOP)
+
+    async def main() -> tuple[BaseException | BatchResult, BatchResult]:
+        first = asyncio.ensure_future(queue.record([ev("s1")]))
+        await asyncio.sleep(0.5)
+        # The commit has waited longer than STALL_SECONDS: not ready.
+        with pytest.raises(LedgerUnavailable, match="has not answered"):
+            ledger.check()
+        try:
+            # killed after 1 s (bounded here, so a broken watchdog fails instead of hanging)
+            outcome: BaseException | BatchResult = await asyncio.wait_for(first, 20)
+        except LedgerUnavailable as exc:
+            outcome = exc
+        return outcome, await queue.record([ev("s2")])
+
+    outcome, second = asyncio.run(main())
+    assert isinstance(outcome, LedgerOutcomeUnknown)
+    assert second == BatchResult(1, 0)
+    assert writer_pid(ledger) != stuck
+    assert starts and all(name != threading.main_thread().name for name in starts)
+    ledger.check()
+
+
 def test_readiness_check_restarts_a_dead_writer(ledger: SQLiteProcessLedger) -> None:
     old = writer_pid(ledger)
     os.kill(old, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while ledger._proc is not None and ledger._proc.poll() is None:
-        assert time.monotonic() < deadline, "the killed writer did not exit"
-        time.sleep(0.01)
+    _wait_dead(ledger)
     ledger.check()
     assert writer_pid(ledger) != old
     assert ledger.record([[ev("x")]]) == [BatchResult(1, 0)]

@@ -6,6 +6,7 @@ from llm_cost_exporter.ledger.base import (
     BatchResult,
     IdempotencyConflict,
     Ledger,
+    LedgerOutcomeUnknown,
     LedgerRejected,
     LedgerUnavailable,
     SeriesKey,
@@ -14,4 +15,5 @@ from llm_cost_exporter.ledger.base import (
 )
 
 __all__ = ["LATENCY_BUCKETS", "BatchKey", "BatchResult", "IdempotencyConflict", "Ledger",
-           "LedgerRejected", "LedgerUnavailable", "SeriesKey", "SeriesTotals", "Totals"]
+           "LedgerOutcomeUnknown", "LedgerRejected",
+           "LedgerUnavailable", "SeriesKey", "SeriesTotals", "Totals"]

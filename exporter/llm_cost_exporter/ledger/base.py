@@ -21,6 +21,12 @@ class LedgerUnavailable(RuntimeError):
     """The ledger cannot take writes (read-only file, disk full, database gone)."""
 
 
+class LedgerOutcomeUnknown(LedgerUnavailable):
+    """The commit was sent but its answer never came (the writer process died after it got
+    the batch): the events may or may not be in the ledger. A retry with the same
+    request_ids or Idempotency-Key is counted once either way."""
+
+
 class LedgerRejected(ValueError):
     """A batch the ledger cannot store as it is (a value out of range): nothing of it was
     written, and retrying it unchanged will not help. `position` is the event's index in

@@ -19,9 +19,11 @@ import logging
 import os
 import pickle
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -34,6 +36,7 @@ from llm_cost_exporter.ledger.base import (
     BatchKey,
     BatchResult,
     IdempotencyConflict,
+    LedgerOutcomeUnknown,
     LedgerUnavailable,
     Totals,
     label_values,
@@ -44,6 +47,15 @@ from llm_cost_exporter.ledger.sqlite_writer import LOCK_WAIT_SECONDS, encode_rec
 
 log = logging.getLogger("llm_cost_exporter")
 
+# A replacement writer waits this long for the file's lock (its dead predecessor's is free at
+# once; another exporter's is not, and then it is better to fail fast) and to be ready.
+RESTART_LOCK_WAIT = 5.0
+RESTART_TIMEOUT = 60.0
+# /readyz fails while a commit has waited this long for the writer's answer (a stuck or
+# stopped writer); PipeCommitQueue kills a writer that keeps one waiting REPLY_TIMEOUT.
+STALL_SECONDS = 15.0
+REPLY_TIMEOUT = 60.0
+
 
 class SQLiteProcessLedger:
     # Commits wait on another process: PipeCommitQueue has the loop watch the pipe for the
@@ -53,116 +65,153 @@ class SQLiteProcessLedger:
     cheap_reads = True
 
     def __init__(self, path: Path, synchronous: str = "NORMAL",
-                 start_timeout: float = 120.0, lock_wait: float = LOCK_WAIT_SECONDS) -> None:
+                 start_timeout: float | None = None,
+                 lock_wait: float = LOCK_WAIT_SECONDS) -> None:
+        """start_timeout: None waits as long as the first writer needs (it may be upgrading
+        the schema; it exits by itself when it cannot start)."""
         self.path = path
-        self._lock_wait = lock_wait
         self._synchronous = synchronous
-        self._start_timeout = start_timeout
-        # One request and its reply at a time on the pipe (commits and /readyz checks).
+        # Brief sections only: swapping the writer, one send, one reply. The event loop
+        # takes this lock, so nothing slow ever runs under it.
         self._call_lock = threading.Lock()
+        # Starting a writer is slow (a spawn, its lock, its totals): threads serialize on
+        # this one, never the event loop.
+        self._start_lock = threading.Lock()
         self._read_lock = threading.Lock()
+        self._health_lock = threading.Lock()
         self._totals_lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._closed = False
         self._awaiting_reply = False  # a group was sent and its reply not yet taken
-        self.schema_version = self._start()
+        self._sent_at = 0.0
+        self._reader: sqlite3.Connection | None = None
+        self._health: sqlite3.Connection | None = None
+        proc, conn, self.schema_version = self._spawn(start_timeout, lock_wait)
         try:
             self._reader = connect(path, synchronous)
+            self._health = connect(path, synchronous)
             # The writer holds the lock and commits nothing until asked: a consistent read.
             self._totals = load_totals(self._reader)
         except Exception as exc:
+            _discard(conn, proc)
             self.close()
             raise LedgerUnavailable(f"cannot open ledger {path}: {exc}") from exc
+        self._proc, self._conn = proc, conn
 
     # -- the writer process -------------------------------------------------------------
-    def _start(self) -> int:
-        """Spawn the writer; wait until it holds the ledger; return the schema version."""
+    def _spawn(self, timeout: float | None, lock_wait: float
+               ) -> tuple[subprocess.Popen[bytes], Connection, int]:
+        """Start a writer and wait until it holds the ledger: (process, pipe, schema)."""
         mine, theirs = socket.socketpair()
         package_root = str(Path(llm_cost_exporter.__file__).resolve().parents[1])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (package_root, env.get("PYTHONPATH")) if p)
         try:
-            self._proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "llm_cost_exporter.ledger.sqlite_writer",
                  "--fd", str(theirs.fileno()), "--path", str(self.path),
-                 "--synchronous", self._synchronous, "--lock-wait", str(self._lock_wait),
+                 "--synchronous", self._synchronous, "--lock-wait", str(lock_wait),
                  "--log-level", logging.getLevelName(logging.getLogger().level)],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
         finally:
             theirs.close()
-        self._conn = Connection(mine.detach())
+        conn = Connection(mine.detach())
         try:
-            if not self._conn.poll(self._start_timeout):
-                raise LedgerUnavailable(f"ledger writer did not start within "
-                                        f"{self._start_timeout:.0f} s")
-            reply = pickle.loads(self._conn.recv_bytes())
+            if not conn.poll(timeout):
+                raise LedgerUnavailable(f"ledger writer did not start within {timeout:g} s")
+            reply = pickle.loads(conn.recv_bytes())
+            if reply[0] != "ready":
+                raise LedgerUnavailable(reply[1])
         except (EOFError, OSError) as exc:
-            self._stop_writer(0)
+            _discard(conn, proc)
             raise LedgerUnavailable(f"ledger writer exited at start ({exc!r})") from exc
-        except LedgerUnavailable:
-            self._stop_writer(0)
+        except BaseException:
+            _discard(conn, proc)
             raise
-        if reply[0] != "ready":
-            self._stop_writer(5)
-            raise LedgerUnavailable(reply[1])
-        return int(reply[1])
+        return proc, conn, int(reply[1])
+
+    def writer_alive(self) -> bool:
+        proc = self._proc
+        return self._conn is not None and proc is not None and proc.poll() is None
+
+    def start_writer(self) -> None:
+        """Start a new writer if the last one is gone. Blocks (a spawn, a lock wait): call
+        it from a thread, never from the event loop."""
+        with self._start_lock:
+            with self._call_lock:
+                if self._closed:
+                    raise LedgerUnavailable("ledger is closed")
+                if self.writer_alive():
+                    return
+                if self._awaiting_reply:  # the loop is about to read its EOF: not yet
+                    raise LedgerUnavailable("ledger writer process exited")
+                conn, proc, self._conn, self._proc = self._conn, self._proc, None, None
+            if conn is not None or proc is not None:
+                _discard(conn, proc)
+            log.error("ledger writer process is gone; starting a new one")
+            new_proc, new_conn, _ = self._spawn(RESTART_TIMEOUT, RESTART_LOCK_WAIT)
+            try:
+                # Read before the new writer is put to work: its last commit may have
+                # landed unreported, and none can land while it waits to be asked.
+                with self._read_lock:
+                    assert self._reader is not None
+                    totals = load_totals(self._reader)
+            except Exception as exc:
+                _discard(new_conn, new_proc)
+                raise LedgerUnavailable(f"ledger not readable: {exc}") from exc
+            with self._totals_lock:
+                self._totals = totals
+            with self._call_lock:
+                self._proc, self._conn = new_proc, new_conn
+
+    def kill_writer(self) -> None:
+        """Kill a writer that stopped answering; the pipe's EOF then answers its callers."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            log.error("ledger writer process did not answer in time; killing it")
+            proc.kill()
 
     def _exchange(self, frame: bytes) -> None:
         with self._call_lock:
             if self._closed:
                 raise LedgerUnavailable("ledger is closed")
-            if self._conn is None:  # the last writer died: start another
-                self._restart()
-            assert self._conn is not None
+            conn = self._conn
+            if conn is None or not self.writer_alive():
+                raise WriterNotReached("ledger writer process is not running")
             try:
-                _blocking(self._conn)
-                self._conn.send_bytes(frame)
+                _blocking(conn)
+                conn.send_bytes(frame)
             except OSError as exc:
-                raise self._writer_gone() from exc
+                self._drop_writer()
+                raise WriterNotReached(f"ledger writer process is gone ({exc!r})") from exc
             self._awaiting_reply = True
+            self._sent_at = time.monotonic()
 
     def _reply(self) -> tuple[object, ...]:
         with self._call_lock:
-            if self._conn is None or not self._awaiting_reply:
+            conn = self._conn
+            if conn is None or not self._awaiting_reply:
                 raise LedgerUnavailable("ledger writer process is not running")
             self._awaiting_reply = False
             try:
-                _blocking(self._conn)
-                reply: tuple[object, ...] = pickle.loads(self._conn.recv_bytes())
+                _blocking(conn)
+                reply: tuple[object, ...] = pickle.loads(conn.recv_bytes())
             except (EOFError, OSError) as exc:
-                raise self._writer_gone() from exc
+                code = self._drop_writer()
+                raise LedgerOutcomeUnknown(
+                    f"ledger writer process exited (code {code}) before confirming the "
+                    "commit; a new one starts with the next write") from exc
         if reply[0] == "raise":
             raise (LedgerUnavailable(str(reply[2])) if reply[1] == "unavailable"
                    else RuntimeError(f"ledger writer: {reply[2]}"))
         return reply
 
-    def _writer_gone(self) -> LedgerUnavailable:
-        code = self._stop_writer(0)
-        # Its last commit may have landed unreported: the next start re-reads the totals.
-        return LedgerUnavailable(f"ledger writer process exited (code {code}); the next "
-                                 "write starts a new one")
-
-    def _restart(self) -> None:
-        log.error("ledger writer process is gone; starting a new one")
-        self._start()
-        with self._read_lock:
-            totals = load_totals(self._reader)
-        with self._totals_lock:
-            self._totals = totals
-
-    def _stop_writer(self, timeout: float) -> int | None:
+    def _drop_writer(self) -> int | None:
+        """Forget a writer that is gone (called under _call_lock); its exit code."""
         conn, proc, self._conn, self._proc = self._conn, self._proc, None, None
-        if conn is not None:
-            conn.close()  # the writer reads EOF and exits after its current commit
-        if proc is None:
-            return None
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+        return _discard(conn, proc, wait=1.0)
 
     # -- writes ---------------------------------------------------------------------------
     # PipeCommitQueue sends a group, watches fileno() and takes the reply when it is there;
@@ -187,24 +236,25 @@ class SQLiteProcessLedger:
 
     def record(self, batches: Sequence[Sequence[PricedEvent]],
                keys: Sequence[BatchKey | None] | None = None) -> list[BatchResult | Exception]:
+        if not self.writer_alive():
+            self.start_writer()
         self.send_record(batches, keys or [None] * len(batches))
         return self.take_reply()
 
     def check(self) -> None:
-        """The writer runs (a dead one is started again), and the file takes a write now."""
-        with self._call_lock:
-            if self._closed:
+        """Ready: the writer runs (a dead one is started again, here in the caller's
+        thread), has not kept a commit waiting for STALL_SECONDS, and the file takes a
+        write now (the readiness row, from this process: a full disk or a read-only file
+        shows)."""
+        if self._awaiting_reply and time.monotonic() - self._sent_at > STALL_SECONDS:
+            raise LedgerUnavailable(f"ledger writer has not answered a commit for "
+                                    f"{time.monotonic() - self._sent_at:.0f} s")
+        if not self.writer_alive():
+            self.start_writer()
+        with self._health_lock:
+            if self._health is None:
                 raise LedgerUnavailable("ledger is closed")
-            # A group on its way to a dead writer learns of it from the pipe (EOF) first.
-            dead = self._proc is None or self._proc.poll() is not None
-            if dead and not self._awaiting_reply:
-                if self._conn is not None:
-                    self._writer_gone()
-                self._restart()
-            if dead and self._awaiting_reply:
-                raise LedgerUnavailable("ledger writer process exited")
-        with self._read_lock:
-            write_health(self._reader)
+            write_health(self._health)
 
     # -- reads ----------------------------------------------------------------------------
     def totals(self) -> Totals:
@@ -229,18 +279,38 @@ class SQLiteProcessLedger:
 
     def close(self, timeout: float = 60.0) -> None:
         """Stop the writer after the commit it is running (it checkpoints and exits)."""
-        with self._call_lock:
+        with self._start_lock, self._call_lock:
             if self._closed:
                 return
             self._closed = True
-            if self._conn is not None:
+            conn, proc, self._conn, self._proc = self._conn, self._proc, None, None
+            if conn is not None:
                 with contextlib.suppress(OSError):
-                    self._conn.send_bytes(b"Q")
-            self._stop_writer(timeout)
-        reader = getattr(self, "_reader", None)
-        if reader is not None:
-            with self._read_lock:
-                reader.close()
+                    conn.send_bytes(b"Q")
+            _discard(conn, proc, wait=timeout)
+        with self._read_lock, self._health_lock:
+            for db in (self._reader, self._health):
+                if db is not None:
+                    db.close()
+            self._reader = self._health = None
+
+class WriterNotReached(LedgerUnavailable):
+    """Nothing of the group reached the writer (it was gone): safe to send again."""
+
+
+def _discard(conn: Connection | None, proc: subprocess.Popen[bytes] | None,
+             wait: float = 0.0) -> int | None:
+    """Close our end (the writer reads EOF and exits after its current commit) and reap
+    the process, killing it if it has not left within `wait` seconds."""
+    if conn is not None:
+        conn.close()
+    if proc is None:
+        return None
+    try:
+        return proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def _blocking(conn: Connection) -> None:
