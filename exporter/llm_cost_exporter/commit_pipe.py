@@ -90,7 +90,7 @@ class PipeCommitQueue:
             return
         group = self._take()
         try:
-            self._ledger.send_record([b for b, _, _ in group], [k for _, k, _ in group])
+            _send_group(self._ledger, group)
         except WriterNotReached as exc:
             # Nothing of it reached the writer: send it again to the next one, unless
             # writers keep dying before they can take anything.
@@ -153,12 +153,16 @@ class PipeCommitQueue:
             try:
                 if not self._ledger.writer_alive():
                     self._ledger.start_writer()
-                self._ledger.send_record([b for b, _, _ in group], [k for _, k, _ in group])
+                _send_group(self._ledger, group)
             except Exception as exc:
                 _answer(group, [exc] * len(group))
                 continue
             self._in_flight = group
             self._finish()
+
+
+def _send_group(ledger: PipedLedger, group: Sequence[_Pending]) -> None:
+    ledger.send_record([batch for batch, _, _ in group], [key for _, key, _ in group])
 
 
 def _answer(group: Sequence[_Pending], results: Sequence[BatchResult | Exception]) -> None:

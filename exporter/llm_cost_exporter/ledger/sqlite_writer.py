@@ -39,6 +39,8 @@ from llm_cost_exporter.ledger.base import (
     LedgerRejected,
     LedgerUnavailable,
 )
+from llm_cost_exporter.ledger.sqlite import SQLiteLedger
+from llm_cost_exporter.logs import setup_logging
 
 # How long a new writer waits for the lock a predecessor's writer still holds (it finishes
 # one commit and a checkpoint, then exits).
@@ -106,10 +108,7 @@ def lock_ledger(path: Path, wait: float = LOCK_WAIT_SECONDS) -> int:
             time.sleep(0.05)
 
 
-def _reply_record(ledger: object, frame: bytes) -> tuple[object, ...]:
-    from llm_cost_exporter.ledger.sqlite import SQLiteLedger
-
-    assert isinstance(ledger, SQLiteLedger)
+def _reply_record(ledger: SQLiteLedger, frame: bytes) -> tuple[object, ...]:
     request = _REQUEST.decode(memoryview(frame)[1:])
     try:
         results = ledger.record(request.batches, request.keys)
@@ -119,7 +118,7 @@ def _reply_record(ledger: object, frame: bytes) -> tuple[object, ...]:
     return ("ok", [result_out(r) for r in results], series, latency)
 
 
-def serve_requests(conn: Connection, ledger: object) -> None:
+def serve_requests(conn: Connection, ledger: SQLiteLedger) -> None:
     """Answer the server until it says stop or goes away."""
     while True:
         try:
@@ -153,9 +152,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # requests are done (a Ctrl-C reaches the whole process group).
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    from llm_cost_exporter.ledger.sqlite import SQLiteLedger
-    from llm_cost_exporter.logs import setup_logging
-
     setup_logging(args.log_level)
     conn = Connection(args.fd)
     try:
