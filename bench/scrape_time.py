@@ -90,7 +90,6 @@ def build_ledger(path: Path, n: int, error_every: int, chunk: int = 5000) -> flo
     """One priced event per series through the ledger API. Returns seconds taken."""
     from llm_cost_exporter.events import (
         Attribution,
-        Cost,
         PricedEvent,
         SeriesLabels,
         TokenCounts,
@@ -108,8 +107,7 @@ def build_ledger(path: Path, n: int, error_every: int, chunk: int = 5000) -> flo
                            model=model, tokens=tokens, timestamp=now, outcome=outcome,
                            latency_seconds=0.1 + (i % 50) / 10, request_id=f"s{n}-{i}")
         events.append(PricedEvent(event=event, labels=SeriesLabels(dep, proj, prov, model),
-                                  cost=Cost(input=Decimal(1000 + i) / 400_000,
-                                            output=Decimal("0.003")),
+                                  cost=Decimal(1000 + i) / 400_000 + Decimal("0.003"),
                                   price_source="bench"))
     for start in range(0, len(events), chunk):
         ledger.record([events[start:start + chunk]])

@@ -156,7 +156,7 @@ class BudgetGuard:
 
     def _add_locked(self, events: Sequence[PricedEvent]) -> None:
         for priced in events:
-            cost = priced.cost.total
+            cost = priced.cost
             if not cost:
                 continue
             ts = priced.event.timestamp

@@ -98,7 +98,15 @@ def _price(args: argparse.Namespace) -> int:
     from llm_cost_exporter.usage import UsageError, parse_usage
 
     cfg = load_config(args.config) if args.config else _default_config(Config)
-    at = datetime.fromisoformat(args.at.replace("Z", "+00:00")) if args.at else datetime.now(UTC)
+    try:
+        at = datetime.fromisoformat(args.at.replace("Z", "+00:00")) if args.at \
+            else datetime.now(UTC)
+    except ValueError:
+        at = None
+    if at is None or at.tzinfo is None:  # as ingest: a time without an offset is not guessed
+        print("error: --at must be an RFC 3339 time with an offset (e.g. 2026-03-14T12:00:00Z)",
+              file=sys.stderr)
+        return 2
     try:
         if args.usage:
             tokens = parse_usage(json.loads(args.usage), args.provider.lower())

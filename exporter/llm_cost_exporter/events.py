@@ -11,13 +11,13 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from msgspec import Struct, field
+from msgspec import Struct
 
 OUTCOMES = ("success", "error", "client_closed")
 TOKEN_TYPES = ("input", "cache_read", "cache_write", "output")
 
 
-class TokenCounts(Struct, frozen=True, gc=False):
+class TokenCounts(Struct, frozen=True, gc=False, array_like=True):
     """Disjoint billing buckets. `reasoning` is a subset of `output`, never priced twice.
 
     `cache_write_1h` is the part of cache writes stored for one hour (Anthropic prices it
@@ -67,13 +67,13 @@ class TokenCounts(Struct, frozen=True, gc=False):
         )
 
 
-class Attribution(Struct, frozen=True, gc=False):
+class Attribution(Struct, frozen=True, gc=False, array_like=True):
     department: str
     project: str
     user: str | None = None
 
 
-class UsageEvent(Struct, frozen=True, gc=False):
+class UsageEvent(Struct, frozen=True, gc=False, array_like=True):
     """One LLM call, whatever way it reached us. Timestamps are aware UTC datetimes."""
 
     attribution: Attribution
@@ -95,7 +95,7 @@ class UsageEvent(Struct, frozen=True, gc=False):
             raise ValueError("timestamp: must be timezone-aware")
 
 
-class Cost(Struct, frozen=True, gc=False):
+class Cost(Struct, frozen=True, gc=False, array_like=True):
     """Cost of one event in USD, per bucket, exact."""
 
     input: Decimal = Decimal(0)
@@ -108,7 +108,7 @@ class Cost(Struct, frozen=True, gc=False):
         return self.input + self.cache_read + self.cache_write + self.output
 
 
-class SeriesLabels(Struct, frozen=True, gc=False):
+class SeriesLabels(Struct, frozen=True, gc=False, array_like=True):
     """Label values as exported: capped and bounded, unlike the raw attribution."""
 
     department: str
@@ -117,10 +117,13 @@ class SeriesLabels(Struct, frozen=True, gc=False):
     model: str
 
 
-class PricedEvent(Struct, frozen=True, gc=False):
+class PricedEvent(Struct, frozen=True, gc=False, array_like=True):
     event: UsageEvent
     labels: SeriesLabels
-    cost: Cost = field(default_factory=Cost)
+    # The call's total cost in USD, exact (Cost.total of its buckets): all that ledgers and
+    # budgets use. One Decimal, not the four buckets: the writer process decodes each event
+    # it is sent (see ledger/sqlite_writer.py), and a Decimal is the costliest value to decode.
+    cost: Decimal = Decimal(0)
     priced: bool = True
     # Where the price came from ("pricing.overrides: gpt-4o", "genai-prices 0.2.3: ..."):
     # kept in the ledger so a bill can be explained later.

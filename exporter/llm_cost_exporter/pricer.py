@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Protocol
 
 from msgspec import Struct
 
-from llm_cost_exporter.events import Cost, UsageEvent
+from llm_cost_exporter.events import UsageEvent
 from llm_cost_exporter.price_table import PriceTable
 from llm_cost_exporter.pricing import PriceSet
 
@@ -24,12 +25,16 @@ log = logging.getLogger(__name__)
 
 _DATE_SUFFIX = re.compile(r"(-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8})$")
 # Our provider names -> genai-prices provider ids where they differ.
+_ZERO = Decimal(0)
+_HOUR = timedelta(hours=1)
+# The span of a price from the user's table: it never changes while running.
+_ALWAYS = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
 _DB_PROVIDER = {"gemini": "google", "vertex": "google", "bedrock": "aws", "xai": "x-ai"}
 
 
 class Quote(Struct, frozen=True, gc=False):
     # A Struct, not a NamedTuple: one is built per event (0.07 against 0.3 us).
-    cost: Cost
+    cost: Decimal  # the total, exact (Cost.total)
     priced: bool
     source: str
 
@@ -59,27 +64,41 @@ class Pricer:
         # Database prices can change at dated snapshots, so their cache key includes the
         # hour of the call; table prices never change while running.
         self._cache: dict[tuple[str, str, int], PriceSet | None] = {}
-        # Names the user's table prices: no hour in their key, so the hot path skips
-        # computing one (a datetime.timestamp() per event).
-        self._table_hits: dict[tuple[str, str], PriceSet] = {}
+        # The last answer per name and the span it holds for ([start, end): the hour it was
+        # resolved for, or always for the user's table). Senders repeat a few names within
+        # the hour: two datetime comparisons instead of a timestamp() and a 3-tuple key.
+        self._recent: dict[tuple[str, str], tuple[datetime, datetime, PriceSet | None]] = {}
         self._warned: set[tuple[str, str]] = set()
 
     def resolve(self, provider: str, model: str, at: datetime) -> PriceSet | None:
-        found = self._table_hits.get((provider, model))
-        if found is not None:
-            return found
-        key = (provider, model, int(at.timestamp()) // 3600)
+        name = (provider, model)
+        recent = self._recent.get(name)
+        if recent is not None and recent[0] <= at < recent[1]:
+            return recent[2]
+        hour = int(at.timestamp()) // 3600
+        key = (provider, model, hour)
         try:
-            return self._cache[key]
+            price = self._cache[key]
         except KeyError:
-            pass
-        price = self._resolve_uncached(provider, model, at)
-        if len(self._cache) > 50_000:  # bounded: old hours and one-off names age out
-            self._cache.clear()
-        self._cache[key] = price
+            price, always = self._resolve_uncached(provider, model, at)
+            if len(self._cache) > 50_000:  # bounded: old hours and one-off names age out
+                self._cache.clear()
+            if not always:
+                self._cache[key] = price
+        else:
+            always = False
+        if len(self._recent) >= 50_000:  # bounded, like the cache above
+            self._recent.clear()
+        if always:
+            self._recent[name] = (*_ALWAYS, price)
+        else:
+            start = datetime.fromtimestamp(hour * 3600, UTC)
+            self._recent[name] = (start, start + _HOUR, price)
         return price
 
-    def _resolve_uncached(self, provider: str, model: str, at: datetime) -> PriceSet | None:
+    def _resolve_uncached(self, provider: str, model: str, at: datetime
+                          ) -> tuple[PriceSet | None, bool]:
+        """The price, and whether it is the user's table's (the same at any time)."""
         prov = provider.lower()
         priced_as = self._table.provider_aliases.get(prov, prov)
         variants = list(name_variants(model, self._table.aliases))
@@ -87,24 +106,21 @@ class Pricer:
             for key in ((prov, variant), (priced_as, variant), (None, variant)):
                 found = self._table.models.get(key)
                 if found is not None:
-                    if len(self._table_hits) >= 50_000:  # bounded, like the cache above
-                        self._table_hits.clear()
-                    self._table_hits[(provider, model)] = found
-                    return found
+                    return found, True
         if self._db is None:
-            return None
+            return None, False
         db_provider = _DB_PROVIDER.get(priced_as, priced_as)
         for variant in variants:
             found = self._db.lookup(db_provider, variant, at)
             if found is not None:
-                return found
-        return None
+                return found, False
+        return None, False
 
     def price(self, event: UsageEvent) -> Quote:
         tokens = event.tokens
         if not (tokens.input or tokens.cache_read or tokens.cache_write or tokens.output):
             # A failed call with no tokens costs nothing, whatever the model: not "unpriced".
-            return Quote(Cost(), True, "no tokens")
+            return Quote(_ZERO, True, "no tokens")
         price = self.resolve(event.provider, event.model, event.timestamp)
         if price is not None and not price.covers(tokens):
             price = None  # e.g. output tokens on a model priced for input only
@@ -116,5 +132,5 @@ class Pricer:
                 # Logged once per model: a loud line per request would drown the log.
                 log.warning("no price for model; counted as unpriced with cost 0",
                             extra={"provider": event.provider, "model": event.model})
-            return Quote(Cost(), False, "")
-        return Quote(price.cost(tokens), True, price.source)
+            return Quote(_ZERO, False, "")
+        return Quote(price.cost(tokens).total, True, price.source)

@@ -27,6 +27,78 @@ class Rates:
     cache_write_1h: Decimal | None = None
     reasoning: Decimal | None = None
     per_request: Decimal = Decimal(0)
+    # What cost_of needs, worked out once (see _Terms).
+    _terms: _Terms = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_terms", _Terms(self))
+
+    def cost_of(self, tokens: TokenCounts) -> Cost:
+        """The cost of these tokens at these rates: per bucket, (tokens x rate) / 1M.
+
+        A bucket with no tokens takes its value from _Terms: the same Decimal, digits and
+        exponent, that the arithmetic gives for 0 tokens (test_pricing compares the two), at
+        none of the cost. Most calls leave most buckets empty.
+        """
+        t = self._terms
+        n_input, n_read, n_write, n_1h, n_output, n_reasoning = (
+            tokens.input, tokens.cache_read, tokens.cache_write, tokens.cache_write_1h,
+            tokens.output, tokens.reasoning)
+        if n_write:
+            cache_write = ((n_write - n_1h) * t.write_5m + n_1h * t.write_1h) / MILLION
+        else:
+            cache_write = t.no_cache_write
+        visible = n_output - n_reasoning
+        if n_reasoning:
+            output = (visible * t.output + n_reasoning * t.reasoning) / MILLION + t.per_request
+        elif visible:
+            output = (visible * t.output + t.no_reasoning) / MILLION + t.per_request
+        else:
+            output = t.no_output
+        return Cost(
+            input=n_input * t.input / MILLION if n_input else t.no_input,
+            cache_read=n_read * t.cache_read / MILLION if n_read else t.no_cache_read,
+            cache_write=cache_write,
+            output=output,
+        )
+
+
+class _Terms:
+    """A Rates' prices with the fallbacks applied, and each bucket's cost for 0 tokens.
+
+    0 tokens still cost a Decimal zero whose exponent comes from the rate (0 x 0.15 is
+    0.00): kept exactly, so a stored cost reads the same digit for digit as it did when
+    every bucket was computed.
+    """
+
+    __slots__ = (
+        "cache_read",
+        "input",
+        "no_cache_read",
+        "no_cache_write",
+        "no_input",
+        "no_output",
+        "no_reasoning",
+        "output",
+        "per_request",
+        "reasoning",
+        "write_1h",
+        "write_5m",
+    )
+
+    def __init__(self, r: Rates) -> None:
+        self.input = r.input
+        self.output = output = r.output if r.output is not None else Decimal(0)
+        self.cache_read = r.input if r.cache_read is None else r.cache_read
+        self.write_5m = write_5m = r.input if r.cache_write is None else r.cache_write
+        self.write_1h = write_5m if r.cache_write_1h is None else r.cache_write_1h
+        self.reasoning = output if r.reasoning is None else r.reasoning
+        self.per_request = r.per_request
+        self.no_input = 0 * self.input / MILLION
+        self.no_cache_read = 0 * self.cache_read / MILLION
+        self.no_cache_write = (0 * self.write_5m + 0 * self.write_1h) / MILLION
+        self.no_reasoning = 0 * self.reasoning
+        self.no_output = (0 * output + 0 * self.reasoning) / MILLION + r.per_request
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,18 +134,4 @@ class PriceSet:
         return tokens.output == 0 or self.rates_for(tokens).output is not None
 
     def cost(self, tokens: TokenCounts) -> Cost:
-        r = self.rates_for(tokens)
-        output = r.output if r.output is not None else Decimal(0)
-        cache_read = r.input if r.cache_read is None else r.cache_read
-        write_5m = r.input if r.cache_write is None else r.cache_write
-        write_1h = write_5m if r.cache_write_1h is None else r.cache_write_1h
-        reasoning = output if r.reasoning is None else r.reasoning
-        visible_output = tokens.output - tokens.reasoning
-        return Cost(
-            input=tokens.input * r.input / MILLION,
-            cache_read=tokens.cache_read * cache_read / MILLION,
-            cache_write=((tokens.cache_write - tokens.cache_write_1h) * write_5m
-                         + tokens.cache_write_1h * write_1h) / MILLION,
-            output=(visible_output * output + tokens.reasoning * reasoning) / MILLION
-            + r.per_request,
-        )
+        return self.rates_for(tokens).cost_of(tokens)

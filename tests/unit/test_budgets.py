@@ -14,7 +14,6 @@ from llm_cost_exporter.clock import FixedClock
 from llm_cost_exporter.config import Budget
 from llm_cost_exporter.events import (
     Attribution,
-    Cost,
     PricedEvent,
     SeriesLabels,
     TokenCounts,
@@ -73,7 +72,7 @@ def _event(ts: datetime, cost: str, department: str = "eng", project: str = "app
     ev = UsageEvent(Attribution(department, project), "openai", "gpt-4o",
                     TokenCounts(input=1), ts, request_id=request_id)
     return PricedEvent(event=ev, labels=SeriesLabels(department, project, "openai", "gpt-4o"),
-                       cost=Cost(input=D(cost)))
+                       cost=D(cost))
 
 
 def _budget(project: str = "app", zone: str = "UTC") -> Budget:

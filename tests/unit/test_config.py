@@ -105,3 +105,13 @@ def test_price_command_shows_the_arithmetic(capsys: pytest.CaptureFixture[str]) 
     # 40×3 + 3000×3.75 + 12000×0.30 + 700×15 per 1M = 0.02547
     assert "total USD: 0.02547" in capsys.readouterr().out
     assert main(["price", "--provider", "openai", "--model", "no-such-model"]) == 1
+
+
+def test_price_command_needs_an_offset_in_at(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["price", "--provider", "openai", "--model", "gpt-4o-mini", "--input", "1000000"]
+    assert main([*args, "--at", "2026-03-14T12:00:00"]) == 2  # no offset: not guessed
+    assert "--at must be an RFC 3339 time with an offset" in capsys.readouterr().err
+    assert main([*args, "--at", "yesterday"]) == 2
+    assert main([*args, "--at", "2026-03-14T12:00:00Z"]) == 0
+    # 1,000,000 input tokens × 0.15 per 1M = 0.15
+    assert "total USD: 0.15" in capsys.readouterr().out

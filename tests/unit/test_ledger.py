@@ -19,7 +19,6 @@ from llm_cost_exporter.commit_queue import (
 )
 from llm_cost_exporter.events import (
     Attribution,
-    Cost,
     PricedEvent,
     SeriesLabels,
     TokenCounts,
@@ -45,7 +44,7 @@ def ev(request_id: str | None, cost: str = "0.5", tokens: int = 100,
                        TokenCounts(input=tokens, output=tokens // 2, reasoning=tokens // 4),
                        TS, outcome=outcome, latency_seconds=latency, request_id=request_id)
     return PricedEvent(event=event, labels=SeriesLabels("eng", "app", "openai", "gpt-4o"),
-                       cost=Cost(input=D(cost)), price_source="test")
+                       cost=D(cost), price_source="test")
 
 
 KEY = SeriesKey("eng", "app", "openai", "gpt-4o", "success")

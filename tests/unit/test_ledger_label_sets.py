@@ -12,7 +12,6 @@ import pytest
 
 from llm_cost_exporter.events import (
     Attribution,
-    Cost,
     PricedEvent,
     SeriesLabels,
     TokenCounts,
@@ -46,7 +45,7 @@ def priced(rid: str | None, *, user: str | None = "alice", project: str = "app",
                        latency_seconds=1.0, request_id=rid, source=source, estimated=estimated)
     return PricedEvent(event=event,
                        labels=SeriesLabels("eng", label_project, "openai", "gpt-4o"),
-                       cost=Cost(input=D(cost)), price_source="test")
+                       cost=D(cost), price_source="test")
 
 
 def rows(path: Path, sql: str = "SELECT * FROM events ORDER BY id") -> list[tuple[object, ...]]:

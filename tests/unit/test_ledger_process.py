@@ -24,7 +24,6 @@ import pytest
 from llm_cost_exporter.commit_pipe import PipeCommitQueue
 from llm_cost_exporter.events import (
     Attribution,
-    Cost,
     PricedEvent,
     SeriesLabels,
     TokenCounts,
@@ -53,7 +52,7 @@ def ev(request_id: str | None, cost: str = "0.0025", out_cost: str = "0.001",
                        TokenCounts(input=tokens, output=tokens // 10), TS,
                        latency_seconds=latency, request_id=request_id)
     return PricedEvent(event=event, labels=SeriesLabels("eng", "app", "openai", "gpt-4o"),
-                       cost=Cost(input=D(cost), output=D(out_cost)), price_source="test")
+                       cost=D(cost) + D(out_cost), price_source="test")
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from msgspec.structs import replace
 
 from llm_cost_exporter.events import (
     Attribution,
-    Cost,
     PricedEvent,
     SeriesLabels,
     TokenCounts,
@@ -69,7 +68,7 @@ def ev(request_id: str | None, cost: str = "0.5", tokens: int = 100,
                        TokenCounts(input=tokens, output=tokens // 2, reasoning=tokens // 4),
                        TS, latency_seconds=latency, request_id=request_id)
     return PricedEvent(event=event, labels=SeriesLabels("eng", project, "openai", "gpt-4o"),
-                       cost=Cost(input=D(cost)), price_source="test")
+                       cost=D(cost), price_source="test")
 
 
 def scalar(dsn: str, sql: str) -> object:

@@ -14,11 +14,14 @@ from decimal import Decimal as D
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from llm_cost_exporter.events import Attribution, TokenCounts, UsageEvent
+from llm_cost_exporter.events import Attribution, Cost, TokenCounts, UsageEvent
 from llm_cost_exporter.price_db import GenAIPricesDB
 from llm_cost_exporter.price_table import PriceTable, load_price_table, parse_price_table
 from llm_cost_exporter.pricer import Pricer, name_variants
+from llm_cost_exporter.pricing import Rates
 from llm_cost_exporter.usage import parse_response
 from llm_cost_exporter.validation import ConfigError, Problems
 
@@ -151,7 +154,7 @@ def test_unknown_model_is_not_guessed(db: GenAIPricesDB) -> None:
     event = UsageEvent(Attribution("d", "p"), "openai", "my-finetune-xyz",
                        TokenCounts(input=10), AT)
     quote = pricer.price(event)
-    assert (quote.priced, quote.cost.total) == (False, D(0))
+    assert (quote.priced, quote.cost) == (False, D(0))
 
 
 def test_output_tokens_on_an_input_only_model_are_unpriced(db: GenAIPricesDB) -> None:
@@ -185,3 +188,44 @@ def test_bad_price_file_reports_every_problem(tmp_path: Path) -> None:
         "pricing.models[2].tiers[0].above_input_tokens: must be >= 1",
         "pricing.foo: unknown key (allowed: aliases, models, provider_aliases)",
     }
+
+
+def _plain_cost(r: Rates, t: TokenCounts) -> Cost:
+    """Every bucket by its formula, zeros included: what Rates.cost_of must equal."""
+    output = r.output if r.output is not None else D(0)
+    cache_read = r.input if r.cache_read is None else r.cache_read
+    write_5m = r.input if r.cache_write is None else r.cache_write
+    write_1h = write_5m if r.cache_write_1h is None else r.cache_write_1h
+    reasoning = output if r.reasoning is None else r.reasoning
+    return Cost(
+        input=t.input * r.input / M,
+        cache_read=t.cache_read * cache_read / M,
+        cache_write=((t.cache_write - t.cache_write_1h) * write_5m
+                     + t.cache_write_1h * write_1h) / M,
+        output=((t.output - t.reasoning) * output + t.reasoning * reasoning) / M
+        + r.per_request)
+
+
+# Prices as tables write them: 0, whole dollars, cents, and sub-cent rates with trailing
+# zeros (the exponent is what the zero shortcuts must reproduce).
+_prices = st.sampled_from(["0", "0.0", "1", "2", "15", "0.15", "0.075", "0.60", "0.5000",
+                           "3.75", "0.0375", "1.10", "22.50", "0.000001"]).map(D)
+_opt_prices = st.none() | _prices
+_counts = st.sampled_from([0, 0, 1, 7, 320, 1024, 200_001])
+
+
+@settings(max_examples=400, deadline=None)
+@given(rates=st.builds(Rates, input=_prices, output=_opt_prices, cache_read=_opt_prices,
+                       cache_write=_opt_prices, cache_write_1h=_opt_prices,
+                       reasoning=_opt_prices, per_request=_prices),
+       counts=st.tuples(_counts, _counts, _counts, _counts, _counts, _counts))
+def test_cost_of_is_the_plain_formula_digit_for_digit(rates: Rates,
+                                                      counts: tuple[int, ...]) -> None:
+    n_input, n_read, write_5m, write_1h, visible, n_reasoning = counts
+    tokens = TokenCounts(input=n_input, cache_read=n_read, cache_write=write_5m + write_1h,
+                         cache_write_1h=write_1h, output=visible + n_reasoning,
+                         reasoning=n_reasoning)
+    got, want = rates.cost_of(tokens), _plain_cost(rates, tokens)
+    # str, not ==: the same value with another exponent would change the ledger's text.
+    assert [str(v) for v in (got.input, got.cache_read, got.cache_write, got.output)] == \
+        [str(v) for v in (want.input, want.cache_read, want.cache_write, want.output)]

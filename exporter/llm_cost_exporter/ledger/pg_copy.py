@@ -22,7 +22,6 @@ from typing import Any
 
 from llm_cost_exporter.events import (
     Attribution,
-    Cost,
     PricedEvent,
     SeriesLabels,
     TokenCounts,
@@ -107,7 +106,7 @@ def _priced(row: tuple[Any, ...]) -> PricedEvent:
         request_id=r["request_id"] if r["request_id"] is not None else derived_request_id(row),
         source=r["source"], estimated=bool(r["estimated"]))
     return PricedEvent(event=event, labels=SeriesLabels(department, project, r["provider"], model),
-                       cost=Cost(input=Decimal(r["cost_usd"])), priced=bool(r["priced"]),
+                       cost=Decimal(r["cost_usd"]), priced=bool(r["priced"]),
                        price_source=r["price_source"])
 
 
@@ -126,7 +125,7 @@ def copy_sqlite_ledger(path: Path, ledger: Ledger,
         report.read += len(events)
         report.copied += result.accepted
         report.already_present += result.duplicates
-        report.cost_copied += sum((events[i].cost.total for i in result.written), Decimal(0))
+        report.cost_copied += sum((events[i].cost for i in result.written), Decimal(0))
         if progress is not None:
             progress(report)
     # After the events: a key must never stand in PostgreSQL for a batch that is not there.

@@ -126,7 +126,7 @@ def event_row(priced: PricedEvent) -> tuple[Any, ...]:
         _if_differs(ev.attribution.project, lab.project),
         pg_text(_if_differs(ev.model, lab.model)), pg_text(ev.attribution.user), ev.outcome,
         tok.input, tok.cache_read, tok.cache_write, tok.cache_write_1h, tok.output,
-        tok.reasoning, priced.cost.total, priced.priced, pg_text(priced.price_source),
+        tok.reasoning, priced.cost, priced.priced, pg_text(priced.price_source),
         ev.latency_seconds, ev.source, ev.estimated,
     )
 
@@ -136,7 +136,7 @@ def add_event(priced: PricedEvent, series: dict[SeriesKey, SeriesTotals],
               spend: dict[tuple[str, str, int], int]) -> None:
     """What one new event adds to a commit's totals, latency and spend rows."""
     ev, lab, tok = priced.event, priced.labels, priced.event.tokens
-    cost = priced.cost.total
+    cost = priced.cost
     key = SeriesKey(lab.department, lab.project, lab.provider, lab.model, ev.outcome)
     series.setdefault(key, SeriesTotals()).add(SeriesTotals(
         1, tok.input, tok.cache_read, tok.cache_write, tok.output, tok.reasoning,

@@ -179,7 +179,7 @@ class SQLiteLedger:
                 seen.add(rid)
             add_written(position)
             lab, tok, attribution = priced.labels, ev.tokens, ev.attribution
-            cost = priced.cost.total
+            cost = priced.cost
             ts = ev.timestamp.timestamp()
             department, project, provider, model = (lab.department, lab.project, lab.provider,
                                                     lab.model)
