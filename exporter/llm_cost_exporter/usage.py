@@ -30,17 +30,19 @@ class UsageError(ValueError):
         self.message = message
 
 
-def _count(obj: Mapping[str, Any], key: str, path: str) -> int:
+# The helpers take the field's path in two parts (the usage object's path, and the rest
+# below it) and join them only to report an error: they run several times per ingested
+# event, and building each path up front cost more than the checks themselves.
+def _count(obj: Mapping[str, Any], key: str, path: str, sub: str = "") -> int:
     value = obj.get(key)
+    if type(value) is int and 0 <= value <= MAX_TOKENS:
+        return value
     if value is None:
         return 0
-    # bool is an int subclass in Python; JSON true is not a token count.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UsageError(f"{path}.{key}", "must be a non-negative integer")
-    if value < 0:
-        raise UsageError(f"{path}.{key}", "must be a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"{path}{sub}.{key}", "must be a non-negative integer")
     if value > MAX_TOKENS:
-        raise UsageError(f"{path}.{key}", f"must be at most {MAX_TOKENS}")
+        raise UsageError(f"{path}{sub}.{key}", f"must be at most {MAX_TOKENS}")
     return value
 
 
@@ -53,9 +55,9 @@ def _details(obj: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
     return value
 
 
-def _not_above(part: int, whole: int, part_path: str, whole_name: str) -> None:
+def _not_above(part: int, whole: int, path: str, sub: str, whole_name: str) -> None:
     if part > whole:
-        raise UsageError(part_path, f"({part}) exceeds {whole_name} ({whole})")
+        raise UsageError(f"{path}{sub}", f"({part}) exceeds {whole_name} ({whole})")
 
 
 def detect_format(usage: Mapping[str, Any], provider: str | None = None,
@@ -96,7 +98,7 @@ def _openai_chat(u: Mapping[str, Any], path: str) -> TokenCounts:
     completion = _count(u, "completion_tokens", path)
     prompt_details = _details(u, "prompt_tokens_details", path)
     completion_details = _details(u, "completion_tokens_details", path)
-    reasoning = _count(completion_details, "reasoning_tokens", f"{path}.completion_tokens_details")
+    reasoning = _count(completion_details, "reasoning_tokens", path, ".completion_tokens_details")
     if "prompt_cache_hit_tokens" in u or "prompt_cache_miss_tokens" in u:
         # DeepSeek: hit + miss = prompt_tokens, and these are the numbers it bills.
         cached = _count(u, "prompt_cache_hit_tokens", path)
@@ -108,12 +110,10 @@ def _openai_chat(u: Mapping[str, Any], path: str) -> TokenCounts:
             )
         prompt = cached + miss
     else:
-        cached = _count(prompt_details, "cached_tokens", f"{path}.prompt_tokens_details")
-    _not_above(cached, prompt, f"{path}.prompt_tokens_details.cached_tokens", "prompt_tokens")
-    _not_above(
-        reasoning, completion, f"{path}.completion_tokens_details.reasoning_tokens",
-        "completion_tokens",
-    )
+        cached = _count(prompt_details, "cached_tokens", path, ".prompt_tokens_details")
+    _not_above(cached, prompt, path, ".prompt_tokens_details.cached_tokens", "prompt_tokens")
+    _not_above(reasoning, completion, path, ".completion_tokens_details.reasoning_tokens",
+               "completion_tokens")
     return TokenCounts(
         input=prompt - cached, cache_read=cached, output=completion, reasoning=reasoning
     )
@@ -122,12 +122,12 @@ def _openai_chat(u: Mapping[str, Any], path: str) -> TokenCounts:
 def _openai_responses(u: Mapping[str, Any], path: str) -> TokenCounts:
     inp = _count(u, "input_tokens", path)
     out = _count(u, "output_tokens", path)
-    cached = _count(_details(u, "input_tokens_details", path), "cached_tokens",
-                    f"{path}.input_tokens_details")
-    reasoning = _count(_details(u, "output_tokens_details", path), "reasoning_tokens",
-                       f"{path}.output_tokens_details")
-    _not_above(cached, inp, f"{path}.input_tokens_details.cached_tokens", "input_tokens")
-    _not_above(reasoning, out, f"{path}.output_tokens_details.reasoning_tokens", "output_tokens")
+    cached = _count(_details(u, "input_tokens_details", path), "cached_tokens", path,
+                    ".input_tokens_details")
+    reasoning = _count(_details(u, "output_tokens_details", path), "reasoning_tokens", path,
+                       ".output_tokens_details")
+    _not_above(cached, inp, path, ".input_tokens_details.cached_tokens", "input_tokens")
+    _not_above(reasoning, out, path, ".output_tokens_details.reasoning_tokens", "output_tokens")
     return TokenCounts(input=inp - cached, cache_read=cached, output=out, reasoning=reasoning)
 
 
@@ -137,8 +137,8 @@ def _anthropic(u: Mapping[str, Any], path: str) -> TokenCounts:
     read = _count(u, "cache_read_input_tokens", path)
     out = _count(u, "output_tokens", path)
     creation = _details(u, "cache_creation", path)
-    write_5m = _count(creation, "ephemeral_5m_input_tokens", f"{path}.cache_creation")
-    write_1h = _count(creation, "ephemeral_1h_input_tokens", f"{path}.cache_creation")
+    write_5m = _count(creation, "ephemeral_5m_input_tokens", path, ".cache_creation")
+    write_1h = _count(creation, "ephemeral_1h_input_tokens", path, ".cache_creation")
     if creation and write_5m + write_1h != write:
         raise UsageError(
             f"{path}.cache_creation",
@@ -156,7 +156,7 @@ def _gemini(u: Mapping[str, Any], path: str) -> TokenCounts:
     thoughts = _count(u, "thoughtsTokenCount", path)
     # Tool-use prompts are billed as input too (they are not part of promptTokenCount).
     tool_prompt = _count(u, "toolUsePromptTokenCount", path)
-    _not_above(cached, prompt, f"{path}.cachedContentTokenCount", "promptTokenCount")
+    _not_above(cached, prompt, path, ".cachedContentTokenCount", "promptTokenCount")
     return TokenCounts(
         input=prompt - cached + tool_prompt,
         cache_read=cached,

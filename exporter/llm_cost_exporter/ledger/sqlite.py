@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +220,7 @@ class SQLiteLedger:
                     acc[8] += cost
             if cost:
                 slot = (department, project, int(ts // SLOT_SECONDS) * SLOT_SECONDS)
-                pico = int((cost * PICO).to_integral_value(ROUND_HALF_EVEN))
+                pico = round(cost * PICO)  # an int, rounded half to even
                 if pico >= _SLOT_ROW_MAX:
                     raise ValueOutOfRange(position, "its cost is out of range (over 4.6 million "
                                                     "USD for one call: check its token counts)")

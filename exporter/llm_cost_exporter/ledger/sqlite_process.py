@@ -43,7 +43,12 @@ from llm_cost_exporter.ledger.base import (
 )
 from llm_cost_exporter.ledger.sqlite import load_totals, read_spend, stored_key, write_health
 from llm_cost_exporter.ledger.sqlite_wal import connect
-from llm_cost_exporter.ledger.sqlite_writer import LOCK_WAIT_SECONDS, encode_record, result_in
+from llm_cost_exporter.ledger.sqlite_writer import (
+    LOCK_WAIT_SECONDS,
+    encode_record,
+    result_in,
+    totals_in,
+)
 
 log = logging.getLogger("llm_cost_exporter")
 
@@ -226,12 +231,13 @@ class SQLiteProcessLedger:
         self._exchange(encode_record(batches, keys))
 
     def take_reply(self) -> list[BatchResult | Exception]:
-        _, results, series, latency = self._reply()
+        _, results, rows = self._reply()
+        series, latency = totals_in(rows)  # type: ignore[arg-type]
         # Published only now, after the commit: a scrape never sees uncommitted totals.
         # Values are replaced, never changed, as in SQLiteLedger.
         with self._totals_lock:
-            self._totals.series.update(series)  # type: ignore[arg-type]
-            self._totals.latency.update(latency)  # type: ignore[arg-type]
+            self._totals.series.update(series)
+            self._totals.latency.update(latency)
         return [result_in(r) for r in results]  # type: ignore[attr-defined]
 
     def record(self, batches: Sequence[Sequence[PricedEvent]],

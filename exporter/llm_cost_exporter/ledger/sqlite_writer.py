@@ -10,7 +10,8 @@ waits for a predecessor's writer to finish its last commit before it reads the t
 Messages go over a socketpair as `multiprocessing.connection` frames:
 - server to writer: b"R" + msgpack(RecordRequest), or b"Q" (commit nothing more, close
   the ledger, exit);
-- writer to server: a pickled tuple (see _reply_record and sqlite_process.py).
+- writer to server: a pickled tuple of plain values (see _reply_record, result_out and
+  totals_out).
 The writer leaves when the server's end closes (the server was killed): whatever commit is
 running finishes first, and nothing uncommitted was ever acknowledged.
 """
@@ -36,8 +37,11 @@ from llm_cost_exporter.ledger.base import (
     BatchKey,
     BatchResult,
     IdempotencyConflict,
+    LatencyTotals,
     LedgerRejected,
     LedgerUnavailable,
+    SeriesKey,
+    SeriesTotals,
 )
 from llm_cost_exporter.ledger.sqlite import SQLiteLedger
 from llm_cost_exporter.logs import setup_logging
@@ -61,11 +65,13 @@ def encode_record(batches: Sequence[Sequence[PricedEvent]],
     return b"R" + ENCODER.encode(RecordRequest(list(map(list, batches)), list(keys)))
 
 
-def result_out(result: BatchResult | Exception) -> object:
-    """A batch's result as it crosses the pipe. Exceptions go as (kind, message, position):
-    pickling them would lose LedgerRejected's position."""
+def result_out(result: BatchResult | Exception) -> tuple[object, ...]:
+    """A batch's result as it crosses the pipe: a plain tuple, (kind, ...). Plain tuples
+    because pickle rebuilds a dataclass through its generic __setstate__, several times
+    slower; exceptions go as (kind, message, position), since pickling them would lose
+    LedgerRejected's position."""
     if isinstance(result, BatchResult):
-        return result
+        return ("batch", result.accepted, result.duplicates, result.written, result.replayed)
     if isinstance(result, IdempotencyConflict):
         return ("conflict", str(result), None)
     if isinstance(result, LedgerRejected):
@@ -75,17 +81,39 @@ def result_out(result: BatchResult | Exception) -> object:
     return ("error", f"{type(result).__name__}: {result}", None)
 
 
-def result_in(item: object) -> BatchResult | Exception:
-    if isinstance(item, BatchResult):
-        return item
-    kind, message, position = item  # type: ignore[misc]
+def result_in(item: tuple[object, ...]) -> BatchResult | Exception:
+    kind = item[0]
+    if kind == "batch":
+        return BatchResult(*item[1:])  # type: ignore[arg-type]
+    _, message, position = item
     if kind == "conflict":
-        return IdempotencyConflict(message)
+        return IdempotencyConflict(str(message))
     if kind == "rejected":
-        return LedgerRejected(message, position)
+        return LedgerRejected(str(message), position)  # type: ignore[arg-type]
     if kind == "unavailable":
-        return LedgerUnavailable(message)
+        return LedgerUnavailable(str(message))
     return RuntimeError(message)
+
+
+# The totals a commit changed, as plain tuples for the same reason: (series key, the
+# SeriesTotals fields in order) and (latency key, counts, sum, count).
+TotalsRows = tuple[list[tuple[tuple[str, ...], tuple[object, ...]]],
+                   list[tuple[tuple[str, str], list[int], float, int]]]
+
+
+def totals_out(series: dict[SeriesKey, SeriesTotals],
+               latency: dict[tuple[str, str], LatencyTotals]) -> TotalsRows:
+    return ([(tuple(k), (v.requests, v.input, v.cache_read, v.cache_write, v.output,
+                         v.reasoning, v.unpriced, v.cost, v.estimated))
+             for k, v in series.items()],
+            [(k, v.counts, v.total, v.count) for k, v in latency.items()])
+
+
+def totals_in(rows: TotalsRows) -> tuple[dict[SeriesKey, SeriesTotals],
+                                          dict[tuple[str, str], LatencyTotals]]:
+    series, latency = rows
+    return ({SeriesKey(*k): SeriesTotals(*v) for k, v in series},  # type: ignore[arg-type]
+            {k: LatencyTotals(counts, total, count) for k, counts, total, count in latency})
 
 
 def lock_ledger(path: Path, wait: float = LOCK_WAIT_SECONDS) -> int:
@@ -114,8 +142,7 @@ def _reply_record(ledger: SQLiteLedger, frame: bytes) -> tuple[object, ...]:
         results = ledger.record(request.batches, request.keys)
     except LedgerUnavailable as exc:
         return ("raise", "unavailable", str(exc))
-    series, latency = ledger.published
-    return ("ok", [result_out(r) for r in results], series, latency)
+    return ("ok", [result_out(r) for r in results], totals_out(*ledger.published))
 
 
 def serve_requests(conn: Connection, ledger: SQLiteLedger) -> None:
