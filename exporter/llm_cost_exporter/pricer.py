@@ -122,9 +122,12 @@ class Pricer:
             # A failed call with no tokens costs nothing, whatever the model: not "unpriced".
             return Quote(_ZERO, True, "no tokens")
         price = self.resolve(event.provider, event.model, event.timestamp)
-        if price is not None and not price.covers(tokens):
-            price = None  # e.g. output tokens on a model priced for input only
-        if price is None:
+        rates = None
+        if price is not None:
+            rates = price.rates_for(tokens)
+            if tokens.output and rates.output is None:
+                rates = None  # output tokens on a model priced for input only (covers())
+        if price is None or rates is None:
             key = (event.provider, event.model)
             # Bounded: distinct names from a misbehaving client must not grow memory or log.
             if key not in self._warned and len(self._warned) < 1000:
@@ -133,4 +136,4 @@ class Pricer:
                 log.warning("no price for model; counted as unpriced with cost 0",
                             extra={"provider": event.provider, "model": event.model})
             return Quote(_ZERO, False, "")
-        return Quote(price.cost(tokens).total, True, price.source)
+        return Quote(rates.total_of(tokens), True, price.source)

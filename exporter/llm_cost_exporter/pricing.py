@@ -34,12 +34,19 @@ class Rates:
         object.__setattr__(self, "_terms", _Terms(self))
 
     def cost_of(self, tokens: TokenCounts) -> Cost:
-        """The cost of these tokens at these rates: per bucket, (tokens x rate) / 1M.
+        """The cost of these tokens at these rates: per bucket, (tokens x rate) / 1M."""
+        return Cost(*self._buckets(tokens))
 
-        A bucket with no tokens takes its value from _Terms: the same Decimal, digits and
-        exponent, that the arithmetic gives for 0 tokens (test_pricing compares the two), at
-        none of the cost. Most calls leave most buckets empty.
-        """
+    def total_of(self, tokens: TokenCounts) -> Decimal:
+        """cost_of(tokens).total, without building the Cost (the ingest hot path)."""
+        input_, cache_read, cache_write, output = self._buckets(tokens)
+        return input_ + cache_read + cache_write + output  # Cost.total's order
+
+    def _buckets(self, tokens: TokenCounts) -> tuple[Decimal, Decimal, Decimal, Decimal]:
+        """Input, cache read, cache write and output cost. A bucket with no tokens takes
+        its value from _Terms: the same Decimal, digits and exponent, that the arithmetic
+        gives for 0 tokens (test_pricing compares the two), at none of the cost. Most calls
+        leave most buckets empty."""
         t = self._terms
         n_input, n_read, n_write, n_1h, n_output, n_reasoning = (
             tokens.input, tokens.cache_read, tokens.cache_write, tokens.cache_write_1h,
@@ -55,12 +62,9 @@ class Rates:
             output = (visible * t.output + t.no_reasoning) / MILLION + t.per_request
         else:
             output = t.no_output
-        return Cost(
-            input=n_input * t.input / MILLION if n_input else t.no_input,
-            cache_read=n_read * t.cache_read / MILLION if n_read else t.no_cache_read,
-            cache_write=cache_write,
-            output=output,
-        )
+        return (n_input * t.input / MILLION if n_input else t.no_input,
+                n_read * t.cache_read / MILLION if n_read else t.no_cache_read,
+                cache_write, output)
 
 
 class _Terms:

@@ -31,6 +31,7 @@ from llm_cost_exporter.ledger import (
     LedgerUnavailable,
     SeriesKey,
 )
+from llm_cost_exporter.ledger.base import LATENCY_BUCKETS
 from llm_cost_exporter.ledger.migrations import MIGRATIONS
 from llm_cost_exporter.ledger.sqlite import SQLiteLedger
 from llm_cost_exporter.ledger.sqlite_rows import RowInserter
@@ -392,3 +393,44 @@ def test_a_zero_cost_leaves_the_stored_sum_as_it_was(tmp_path: Path) -> None:
     ledger.close()
     with sqlite3.connect(tmp_path / "l.db") as conn:
         assert conn.execute("SELECT cost_usd FROM totals").fetchall() == [("1.5",)]
+
+
+def test_a_slot_sum_past_a_row_limit_is_kept_exact(tmp_path: Path) -> None:
+    ledger = SQLiteLedger(tmp_path / "l.db")
+    # Two calls of 4,000,000.000000000001 USD in one 15-minute slot: each is 4e18 + 1
+    # pico-USD, under the 2^62 ≈ 4.61e18 one row may take; their sum 8e18 + 2 is not, so
+    # the slot is written in two rows that SQLite adds (exactly: below 2^63 ≈ 9.22e18).
+    big = "4000000.000000000001"
+    [result] = ledger.record([[ev(f"b{i}", cost=big) for i in range(2)]])
+    assert result == BatchResult(2, 0)
+    # 2 × 4,000,000.000000000001 = 8,000,000.000000000002 exactly
+    assert ledger.spend("eng", "app", TS.replace(hour=0), TS.replace(hour=23)) == \
+        D("8000000.000000000002")
+    assert ledger.totals().series[KEY].cost == D("8000000.000000000002")
+    ledger.close()
+
+
+def test_label_sets_of_one_series_add_up(tmp_path: Path) -> None:
+    """Events of one series but different label sets (users, price sources) fold into the
+    same totals, latency histogram and spend as one set would."""
+    ledger = SQLiteLedger(tmp_path / "l.db")
+
+    def by(user: str, source: str, cost: str, latency: float) -> PricedEvent:
+        base = ev(None, cost=cost, latency=latency)
+        event = replace(base.event, attribution=Attribution("eng", "app", user))
+        return replace(base, event=event, price_source=source)
+
+    batch = [by("alice", "a", "0.25", 0.2), by("bob", "a", "0.5", 3.0),
+             by("alice", "b", "0", 0.2), by("carol", "b", "0.125", 0.2)]
+    assert ledger.record([batch]) == [BatchResult(4, 0)]
+    totals = ledger.totals()
+    series = totals.series[KEY]
+    # 4 requests × 100 input tokens; 0.25 + 0.5 + 0 + 0.125 = 0.875 USD
+    assert (series.requests, series.input, series.cost) == (4, 400, D("0.875"))
+    latency = totals.latency[("openai", "gpt-4o")]
+    # 0.2 s three times (bucket 0.25), 3.0 s once (bucket 5.0); 0.2×3 + 3.0 = 3.6 s
+    assert (latency.count, round(latency.total, 9)) == (4, 3.6)
+    assert latency.counts[LATENCY_BUCKETS.index(0.25)] == 3
+    assert latency.counts[LATENCY_BUCKETS.index(5.0)] == 1
+    assert ledger.spend("eng", "app", TS.replace(hour=0), TS.replace(hour=23)) == D("0.875")
+    ledger.close()

@@ -229,3 +229,4 @@ def test_cost_of_is_the_plain_formula_digit_for_digit(rates: Rates,
     # str, not ==: the same value with another exponent would change the ledger's text.
     assert [str(v) for v in (got.input, got.cache_read, got.cache_write, got.output)] == \
         [str(v) for v in (want.input, want.cache_read, want.cache_write, want.output)]
+    assert str(rates.total_of(tokens)) == str(want.total)  # what ingest stores

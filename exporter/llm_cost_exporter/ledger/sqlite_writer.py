@@ -25,6 +25,8 @@ import gc
 import os
 import pickle
 import signal
+import socket
+import struct
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
@@ -136,8 +138,48 @@ def lock_ledger(path: Path, wait: float = LOCK_WAIT_SECONDS) -> int:
             time.sleep(0.05)
 
 
-def _reply_record(ledger: SQLiteLedger, frame: bytes) -> tuple[object, ...]:
-    request = _REQUEST.decode(memoryview(frame)[1:])
+class FrameReader:
+    """Reads `multiprocessing.connection` frames (a 4-byte big-endian length, or -1 and an
+    8-byte one, then the bytes) into one buffer that is reused.
+
+    Connection.recv_bytes reads a frame through a BytesIO with a new bytes object per read,
+    and the server's frames are 100 KB or more: 71 against 22 us of CPU per 100 KB frame
+    in a loop (the writer's py-spy had it at 11% of its samples). A frame is valid until
+    the next read.
+    """
+
+    def __init__(self, fd: int) -> None:
+        # A socket of its own over a duplicate of the descriptor: the Connection keeps
+        # the original, for sending and for closing.
+        self._sock = socket.socket(fileno=os.dup(fd))
+        self._buf = bytearray(1 << 16)
+
+    def read(self) -> memoryview:
+        """The next frame; EOFError when the other end has closed."""
+        self._fill(0, 4)
+        (size,) = struct.unpack_from("!i", self._buf)
+        if size == -1:
+            self._fill(0, 8)
+            (size,) = struct.unpack_from("!Q", self._buf)
+        if size > len(self._buf):
+            self._buf = bytearray(size)
+        self._fill(0, size)
+        return memoryview(self._buf)[:size]
+
+    def _fill(self, start: int, end: int) -> None:
+        with memoryview(self._buf) as view:
+            while start < end:
+                got = self._sock.recv_into(view[start:end])
+                if got == 0:
+                    raise EOFError("the server closed the pipe")
+                start += got
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _reply_record(ledger: SQLiteLedger, frame: memoryview) -> tuple[object, ...]:
+    request = _REQUEST.decode(frame[1:])
     try:
         results = ledger.record(request.batches, request.keys)
     except LedgerUnavailable as exc:
@@ -147,12 +189,20 @@ def _reply_record(ledger: SQLiteLedger, frame: bytes) -> tuple[object, ...]:
 
 def serve_requests(conn: Connection, ledger: SQLiteLedger) -> None:
     """Answer the server until it says stop or goes away."""
+    frames = FrameReader(conn.fileno())
+    try:
+        _serve(conn, frames, ledger)
+    finally:
+        frames.close()
+
+
+def _serve(conn: Connection, frames: FrameReader, ledger: SQLiteLedger) -> None:
     while True:
         try:
-            frame = conn.recv_bytes()
+            frame = frames.read()
         except (EOFError, OSError):
             return  # the server is gone: nothing more can be acknowledged
-        kind = frame[:1]
+        kind = bytes(frame[:1])
         if kind == b"Q":
             return
         try:
@@ -161,6 +211,8 @@ def serve_requests(conn: Connection, ledger: SQLiteLedger) -> None:
             reply = _reply_record(ledger, frame)
         except Exception as exc:  # a bug or a bad frame: the server learns, the writer lives
             reply = ("raise", "error", f"{type(exc).__name__}: {exc}")
+        finally:
+            frame.release()
         try:
             conn.send_bytes(pickle.dumps(reply, pickle.HIGHEST_PROTOCOL))
         except OSError:
