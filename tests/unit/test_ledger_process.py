@@ -39,8 +39,9 @@ from llm_cost_exporter.ledger import (
     SeriesKey,
     sqlite_process,
 )
-from llm_cost_exporter.ledger.sqlite import SQLiteLedger, load_totals
+from llm_cost_exporter.ledger.sqlite import SQLiteLedger
 from llm_cost_exporter.ledger.sqlite_process import SQLiteProcessLedger
+from llm_cost_exporter.ledger.sqlite_queries import load_totals
 
 TS = datetime(2026, 3, 14, 12, tzinfo=UTC)
 KEY = SeriesKey("eng", "app", "openai", "gpt-4o", "success")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
 import threading
@@ -27,18 +26,25 @@ from llm_cost_exporter.ledger.base import (
     Totals,
     ValueOutOfRange,
     label_values,
-    stored_key_result,
 )
 from llm_cost_exporter.ledger.migrations import migrate
 from llm_cost_exporter.ledger.sqlite_labels import LabelSets
+from llm_cost_exporter.ledger.sqlite_queries import (
+    PICO,
+    load_totals,
+    read_spend,
+    rollback,
+    stored_key,
+    write_health,
+)
 from llm_cost_exporter.ledger.sqlite_wal import Checkpointer, bound_wal, connect
 
 SLOT_SECONDS = 900
-PICO = Decimal("1e12")
 ZERO = Decimal(0)
 # Largest pico-USD value bound in one statement: half of 2^63, so the sum SQLite computes
 # with the value already stored stays an integer far longer.
 _SLOT_ROW_MAX = 2**62
+_NO_TOTALS = SeriesTotals()  # what a series not committed yet adds to (never changed)
 
 
 class SQLiteLedger:
@@ -86,7 +92,7 @@ class SQLiteLedger:
         conn = self._writer
         now = time.time()
         results: list[BatchResult | Exception] = []
-        series: dict[SeriesKey, SeriesTotals] = {}
+        sums: dict[tuple[SeriesLabels, str], list[Any]] = {}
         latency: dict[tuple[str, str], LatencyTotals] = {}
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -107,7 +113,7 @@ class SQLiteLedger:
                 if savepoints:
                     conn.execute("SAVEPOINT batch")
                 try:
-                    result, b_series, b_latency = self._write_batch(conn, batch, now)
+                    result, b_sums, b_latency = self._write_batch(conn, batch, now)
                     if key is not None:
                         conn.execute(sql.INSERT_KEY, (key.key, key.digest, result.accepted,
                                                    result.duplicates, now))
@@ -124,7 +130,7 @@ class SQLiteLedger:
                     if not savepoints:
                         if isinstance(failure, LedgerUnavailable):
                             raise
-                        _rollback(conn)
+                        rollback(conn)
                         self._label_sets.rolled_back()
                         return [failure]
                     conn.execute("ROLLBACK TO batch")
@@ -136,18 +142,18 @@ class SQLiteLedger:
                     conn.execute("RELEASE batch")
                 self._label_sets.batch_kept()
                 results.append(result)
-                if series or latency:
-                    _merge(series, b_series, latency, b_latency)
+                if sums or latency:
+                    _merge(sums, b_sums, latency, b_latency)
                 else:  # the first batch with new events: its fresh dicts are taken as they are
-                    series, latency = b_series, b_latency
-            new_series, new_latency = self._write_totals(conn, series, latency)
+                    sums, latency = b_sums, b_latency
+            new_series, new_latency = self._write_totals(conn, sums, latency)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            _rollback(conn)
+            rollback(conn)
             self._label_sets.rolled_back()
             raise LedgerUnavailable(f"ledger commit failed: {exc}") from exc
         except BaseException:
-            _rollback(conn)
+            rollback(conn)
             self._label_sets.rolled_back()
             raise
         self._label_sets.committed()
@@ -161,14 +167,15 @@ class SQLiteLedger:
         return results
 
     def _write_batch(self, conn: sqlite3.Connection, batch: Sequence[PricedEvent], now: float
-                     ) -> tuple[BatchResult, dict[SeriesKey, SeriesTotals],
+                     ) -> tuple[BatchResult, dict[tuple[SeriesLabels, str], list[Any]],
                                 dict[tuple[str, str], LatencyTotals]]:
         seen = self._known_ids(conn, batch)
         written: list[int] = []
         rows: list[object] = []  # the events' values, one row after another
         # Per (labels, outcome): requests, input, cache_read, cache_write, output, reasoning,
         # unpriced, estimated, and the cost (Decimal). Plain lists keyed by the event's own
-        # label struct: this loop runs per event, the SeriesKeys are built once per group.
+        # label struct: this loop runs per event; the SeriesKeys and SeriesTotals are built
+        # once per commit, in _write_totals.
         sums: dict[tuple[SeriesLabels, str], list[Any]] = {}
         latency: dict[tuple[str, str], LatencyTotals] = {}
         spend: dict[tuple[str, str, int], int] = {}
@@ -247,11 +254,8 @@ class SQLiteLedger:
             spend_rows.extend(slot)
             spend_rows.append(pico)
         sql.SPEND.insert(conn, spend_rows)
-        series = {SeriesKey(lab.department, lab.project, lab.provider, lab.model, outcome):
-                  SeriesTotals(*acc[:7], cost=acc[8], estimated=int(acc[7]))
-                  for (lab, outcome), acc in sums.items()}
         result = BatchResult(len(written), len(batch) - len(written), tuple(written))
-        return result, series, latency
+        return result, sums, latency
 
     @staticmethod
     def _known_ids(conn: sqlite3.Connection, batch: Sequence[PricedEvent]) -> set[str]:
@@ -265,21 +269,25 @@ class SQLiteLedger:
                 f"SELECT request_id FROM event_rows WHERE request_id IN ({marks})", chunk))
         return known
 
-    def _write_totals(self, conn: sqlite3.Connection, series: dict[SeriesKey, SeriesTotals],
+    def _write_totals(self, conn: sqlite3.Connection,
+                      sums: dict[tuple[SeriesLabels, str], list[Any]],
                       latency: dict[tuple[str, str], LatencyTotals]
                       ) -> tuple[dict[SeriesKey, SeriesTotals],
                                  dict[tuple[str, str], LatencyTotals]]:
         """Write the new running totals; return them, to publish after COMMIT."""
+        keys = [SeriesKey(lab.department, lab.project, lab.provider, lab.model, outcome)
+                for lab, outcome in sums]
         with self._totals_lock:
-            committed_series = {k: self._totals.series.get(k) for k in series}
+            committed_series = [self._totals.series.get(k) or _NO_TOTALS for k in keys]
             committed_latency = {k: self._totals.latency.get(k) for k in latency}
         new_series: dict[SeriesKey, SeriesTotals] = {}
-        for key, delta in series.items():
-            new = (committed_series[key] or SeriesTotals()).copy()
-            new.add(delta)
-            new_series[key] = new
         flat: list[object] = []
-        for key, n in new_series.items():
+        for key, c, acc in zip(keys, committed_series, sums.values(), strict=True):
+            # A new object: published totals are replaced, never changed.
+            n = new_series[key] = SeriesTotals(
+                c.requests + acc[0], c.input + acc[1], c.cache_read + acc[2],
+                c.cache_write + acc[3], c.output + acc[4], c.reasoning + acc[5],
+                c.unpriced + acc[6], c.cost + acc[8], c.estimated + acc[7])
             flat.extend(key)
             flat.extend((n.requests, n.input, n.cache_read, n.cache_write, n.output,
                          n.reasoning, n.unpriced, str(n.cost), n.estimated))
@@ -328,74 +336,24 @@ class SQLiteLedger:
             self._writer.close()
 
 
-def load_totals(conn: sqlite3.Connection) -> Totals:
-    """The committed running totals, as start-up reads them (never from the events)."""
-    totals = Totals()
-    for row in conn.execute(
-        "SELECT department, project, provider, model, outcome, requests, input, cache_read,"
-        " cache_write, output, reasoning, unpriced, cost_usd, estimated FROM totals"
-    ):
-        totals.series[SeriesKey(*row[:5])] = SeriesTotals(
-            requests=row[5], input=row[6], cache_read=row[7], cache_write=row[8],
-            output=row[9], reasoning=row[10], unpriced=row[11], cost=Decimal(row[12]),
-            estimated=row[13])
-    for provider, model, counts, total, count in conn.execute(
-        "SELECT provider, model, counts, total, count FROM latency_totals"
-    ):
-        totals.latency[(provider, model)] = LatencyTotals(json.loads(counts), total, count)
-    return totals
-
-
-def write_health(conn: sqlite3.Connection) -> None:
-    """A real (tiny) committed write: proves the file and the disk take writes now."""
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)",
-                     (time.time(),))
-        conn.execute("COMMIT")
-    except sqlite3.Error as exc:
-        _rollback(conn)
-        raise LedgerUnavailable(f"ledger not writable: {exc}") from exc
-
-
-def read_spend(conn: sqlite3.Connection, department: str, project: str | None,
-               start: datetime, end: datetime) -> Decimal:
-    """USD spent in [start, end), from the 15-minute spend slots."""
-    lo, hi = int(start.timestamp()), int(end.timestamp())
-    if project is None:
-        query = "SELECT cost_pico FROM spend_slots WHERE department=? AND slot>=? AND slot<?"
-        args: tuple[object, ...] = (department, lo, hi)
-    else:
-        query = ("SELECT cost_pico FROM spend_slots WHERE department=? AND project=?"
-                 " AND slot>=? AND slot<?")
-        args = (department, project, lo, hi)
-    try:
-        rows = conn.execute(query, args).fetchall()
-    except sqlite3.Error as exc:
-        raise LedgerUnavailable(f"ledger not readable: {exc}") from exc
-    # Summed in Python: arbitrary precision, no 64-bit overflow. (Had SQLite's own sum in a
-    # row overflowed, it stored a float; str() keeps that row usable.)
-    return sum((Decimal(r[0]) if isinstance(r[0], int) else Decimal(str(r[0]))
-                for r in rows), Decimal(0)) / PICO
-
-
-def stored_key(conn: sqlite3.Connection, key: BatchKey
-                ) -> BatchResult | IdempotencyConflict | None:
-    """The first result of a batch sent with this key before, or None if the key is new."""
-    row = conn.execute("SELECT digest, accepted, duplicates FROM ingest_keys WHERE key = ?",
-                       (key.key,)).fetchone()
-    return None if row is None else stored_key_result(key, *row)
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    with contextlib.suppress(sqlite3.Error):
-        conn.execute("ROLLBACK")
-
-
-def _merge(series: dict[SeriesKey, SeriesTotals], more_series: dict[SeriesKey, SeriesTotals],
+def _merge(sums: dict[tuple[SeriesLabels, str], list[Any]],
+           more: dict[tuple[SeriesLabels, str], list[Any]],
            latency: dict[tuple[str, str], LatencyTotals],
            more_latency: dict[tuple[str, str], LatencyTotals]) -> None:
-    for key, value in more_series.items():
-        series.setdefault(key, SeriesTotals()).add(value)
+    """Add a batch's sums to its commit's (the lists of _write_batch, field by field)."""
+    for group, acc in more.items():
+        into = sums.get(group)
+        if into is None:
+            sums[group] = acc
+            continue
+        into[0] += acc[0]
+        into[1] += acc[1]
+        into[2] += acc[2]
+        into[3] += acc[3]
+        into[4] += acc[4]
+        into[5] += acc[5]
+        into[6] += acc[6]
+        into[7] += acc[7]
+        into[8] += acc[8]  # both began at ZERO: no digits added by a zero
     for lkey, lvalue in more_latency.items():
         latency.setdefault(lkey, LatencyTotals()).add(lvalue)

@@ -41,7 +41,12 @@ from llm_cost_exporter.ledger.base import (
     Totals,
     label_values,
 )
-from llm_cost_exporter.ledger.sqlite import load_totals, read_spend, stored_key, write_health
+from llm_cost_exporter.ledger.sqlite_queries import (
+    load_totals,
+    read_spend,
+    stored_key,
+    write_health,
+)
 from llm_cost_exporter.ledger.sqlite_wal import connect
 from llm_cost_exporter.ledger.sqlite_writer import (
     LOCK_WAIT_SECONDS,
