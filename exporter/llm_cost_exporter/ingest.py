@@ -241,14 +241,13 @@ def _quick_event(item: Any, defaults: Attribution, now: datetime, latest: dateti
         timestamp = now
     elif type(timestamp) is str:
         # Only "...Z" with no other Z: the general path reads every Z and z as +00:00.
-        head = timestamp[:-1]
-        if timestamp[-1:] != "Z" or "Z" in head or "z" in head:
+        if timestamp[-1:] != "Z" or timestamp.count("Z") != 1 or "z" in timestamp:
             return None
-        try:  # its time zone is timezone.utc itself (UTC): no astimezone needed
-            timestamp = datetime.fromisoformat(head + "+00:00")
-        except ValueError:
+        try:  # Python 3.11 reads the Z itself, as timezone.utc: no astimezone needed
+            timestamp = datetime.fromisoformat(timestamp)
+        except ValueError:  # among others a date alone ("2026-03-14Z")
             return None
-        if timestamp.tzinfo is None:  # a date alone ("2026-03-14Z"): Python drops the offset
+        if timestamp.tzinfo is None:
             return None
     elif type(timestamp) in (int, float) and 0 <= timestamp < 1e11:  # NaN fails too
         timestamp = datetime.fromtimestamp(timestamp, UTC)

@@ -6,6 +6,7 @@ import json
 import sqlite3
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -15,6 +16,7 @@ from typing import Any
 from llm_cost_exporter.events import PricedEvent, SeriesLabels
 from llm_cost_exporter.ledger import sqlite_sql as sql
 from llm_cost_exporter.ledger.base import (
+    LATENCY_BUCKETS,
     BatchKey,
     BatchResult,
     IdempotencyConflict,
@@ -246,7 +248,10 @@ class SQLiteLedger:
                 hist = latency.get((provider, model))
                 if hist is None:
                     hist = latency[(provider, model)] = LatencyTotals()
-                hist.observe(seconds)
+                # LatencyTotals.observe inline: per event, a call costs as much as its body.
+                hist.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+                hist.total += seconds
+                hist.count += 1
         # Plain INSERT: with one writer holding the transaction, the ids above are exactly
         # the new ones; a conflict here would be a bug, and fails the batch loudly.
         sql.EVENTS.insert(conn, rows)
