@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -148,6 +149,27 @@ def test_idempotency_key_reused_for_another_body_is_refused(client: TestClient) 
     assert bad.status_code == 422
     ok = client.post("/v1/usage", json=[event], headers={"Idempotency-Key": "k-2"})
     assert (ok.status_code, ok.json()) == (202, {"accepted": 1, "duplicates": 0})
+
+
+def test_a_key_stored_with_the_old_digest_still_replays(tmp_path: Path,
+                                                       price_db: GenAIPricesDB) -> None:
+    """Keys stored before SHA-256 hold a 16-byte BLAKE2b digest of the body."""
+    event = {k: v for k, v in ISSUE_EVENT.items() if k != "request_id"}
+    body = json.dumps([event]).encode()
+    with sqlite3.connect(tmp_path / "ledger.db") as db:  # as an older exporter left it
+        SQLiteLedger(tmp_path / "ledger.db").close()
+        db.execute("INSERT INTO ingest_keys (key, digest, accepted, duplicates, recorded_at) "
+                   "VALUES ('-:old-key', ?, 1, 0, 0)",
+                   (hashlib.blake2b(body, digest_size=16).digest(),))
+    with make_client(tmp_path, price_db) as client:
+        headers = {"Idempotency-Key": "old-key", "Content-Type": "application/json"}
+        again = client.post("/v1/usage", content=body, headers=headers)
+        assert (again.status_code, again.json()) == (202, {"accepted": 1, "duplicates": 0})
+        assert again.headers["idempotent-replayed"] == "true"
+        other = client.post("/v1/usage", content=json.dumps([event, event]), headers=headers)
+        assert other.json()["error"] == "idempotency_key_reused"
+        # Nothing was written by either: the first answer came from the stored key.
+        assert "llm_requests_total{" not in metrics(client)
 
 
 KEY_ERROR = {"field": "Idempotency-Key", "message": "must be one key of 1-255 visible ASCII "
