@@ -160,7 +160,15 @@ def create_app(config: Config, ledger: Ledger, clock: Clock, *,
         try:
             result = await state.recorder.record(events, batch_key)
         except IdempotencyConflict as exc:
-            return _key_answer(state, exc)
+            # The key was stored after the check above (a concurrent retry), perhaps by an
+            # older replica, with the old digest: that too is a replay.
+            legacy = None
+            if batch_key is not None:  # always: only a keyed batch can conflict
+                try:
+                    legacy = await _legacy_key(state.ledger, batch_key, raw)
+                except LedgerUnavailable as unavailable:
+                    return _unavailable(state, unavailable)
+            return _key_answer(state, legacy or exc)
         except LedgerRejected as exc:
             state.stats.reject("invalid")
             where = "events" if isinstance(body, list) else "body"

@@ -99,8 +99,8 @@ def _price(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config) if args.config else _default_config(Config)
     try:
-        at = datetime.fromisoformat(args.at.replace("Z", "+00:00")) if args.at \
-            else datetime.now(UTC)
+        at = datetime.fromisoformat(args.at.replace("Z", "+00:00").replace("z", "+00:00")) \
+            if args.at else datetime.now(UTC)
     except ValueError:
         at = None
     if at is None or at.tzinfo is None:  # as ingest: a time without an offset is not guessed

@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 _DATE_SUFFIX = re.compile(r"(-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8})$")
 # Our provider names -> genai-prices provider ids where they differ.
 _ZERO = Decimal(0)
-_HOUR = timedelta(hours=1)
+# Database prices change at dated snapshots and, for some models, at a time of day on the
+# hour or the half hour (genai-prices 0.2.3: DeepSeek's off-peak prices from 16:30 to 00:30
+# UTC): a database answer is kept for the 15-minute span of the call.
+SPAN_SECONDS = 900
+_SPAN = timedelta(seconds=SPAN_SECONDS)
 # The span of a price from the user's table: it never changes while running.
 _ALWAYS = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
 _DB_PROVIDER = {"gemini": "google", "vertex": "google", "bedrock": "aws", "xai": "x-ai"}
@@ -61,12 +65,12 @@ class Pricer:
     def __init__(self, table: PriceTable, db: PriceDB | None) -> None:
         self._table = table
         self._db = db
-        # Database prices can change at dated snapshots, so their cache key includes the
-        # hour of the call; table prices never change while running.
+        # Database answers per name and 15-minute span (SPAN_SECONDS); table prices never
+        # change while running.
         self._cache: dict[tuple[str, str, int], PriceSet | None] = {}
-        # The last answer per name and the span it holds for ([start, end): the hour it was
+        # The last answer per name and the span it holds for ([start, end): the span it was
         # resolved for, or always for the user's table). Senders repeat a few names within
-        # the hour: two datetime comparisons instead of a timestamp() and a 3-tuple key.
+        # minutes: two datetime comparisons instead of a timestamp() and a 3-tuple key.
         self._recent: dict[tuple[str, str], tuple[datetime, datetime, PriceSet | None]] = {}
         self._warned: set[tuple[str, str]] = set()
 
@@ -75,13 +79,13 @@ class Pricer:
         recent = self._recent.get(name)
         if recent is not None and recent[0] <= at < recent[1]:
             return recent[2]
-        hour = int(at.timestamp()) // 3600
-        key = (provider, model, hour)
+        span = int(at.timestamp()) // SPAN_SECONDS
+        key = (provider, model, span)
         try:
             price = self._cache[key]
         except KeyError:
             price, always = self._resolve_uncached(provider, model, at)
-            if len(self._cache) > 50_000:  # bounded: old hours and one-off names age out
+            if len(self._cache) > 50_000:  # bounded: old spans and one-off names age out
                 self._cache.clear()
             if not always:
                 self._cache[key] = price
@@ -92,8 +96,10 @@ class Pricer:
         if always:
             self._recent[name] = (*_ALWAYS, price)
         else:
-            start = datetime.fromtimestamp(hour * 3600, UTC)
-            self._recent[name] = (start, start + _HOUR, price)
+            start = datetime.fromtimestamp(span * SPAN_SECONDS, UTC)
+            # The last span before datetime.max has no end to compute: held to the end.
+            end = start + _SPAN if start < _ALWAYS[1] - _SPAN else _ALWAYS[1]
+            self._recent[name] = (start, end, price)
         return price
 
     def _resolve_uncached(self, provider: str, model: str, at: datetime

@@ -113,5 +113,7 @@ def test_price_command_needs_an_offset_in_at(capsys: pytest.CaptureFixture[str])
     assert "--at must be an RFC 3339 time with an offset" in capsys.readouterr().err
     assert main([*args, "--at", "yesterday"]) == 2
     assert main([*args, "--at", "2026-03-14T12:00:00Z"]) == 0
-    # 1,000,000 input tokens × 0.15 per 1M = 0.15
-    assert "total USD: 0.15" in capsys.readouterr().out
+    assert main([*args, "--at", "2026-03-14T12:00:00z"]) == 0  # as ingest reads it
+    assert main([*args, "--at", "9999-12-31T23:30:00Z"]) == 0
+    # 1,000,000 input tokens × 0.15 per 1M = 0.15, three times
+    assert capsys.readouterr().out.count("total USD: 0.15\n") == 3

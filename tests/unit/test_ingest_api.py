@@ -17,6 +17,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from llm_cost_exporter.app import create_app
 from llm_cost_exporter.clock import FixedClock
 from llm_cost_exporter.config import parse_config
+from llm_cost_exporter.ledger import BatchKey, BatchResult, IdempotencyConflict
 from llm_cost_exporter.ledger.sqlite import SQLiteLedger
 from llm_cost_exporter.price_db import GenAIPricesDB
 
@@ -169,6 +170,39 @@ def test_a_key_stored_with_the_old_digest_still_replays(tmp_path: Path,
         other = client.post("/v1/usage", content=json.dumps([event, event]), headers=headers)
         assert other.json()["error"] == "idempotency_key_reused"
         # Nothing was written by either: the first answer came from the stored key.
+        assert "llm_requests_total{" not in metrics(client)
+
+
+def test_an_old_digest_stored_after_the_check_still_replays(tmp_path: Path,
+                                                            price_db: GenAIPricesDB) -> None:
+    """A retry whose key another (older) replica commits between this request's check and
+    its own commit: the commit finds the BLAKE2b digest, and the answer is still a replay."""
+    event = {k: v for k, v in ISSUE_EVENT.items() if k != "request_id"}
+    body = json.dumps([event]).encode()
+
+    class LateLedger(SQLiteLedger):
+        """The real ledger, except that the first key lookup comes before the other
+        replica's commit is visible (it sees nothing)."""
+        looked = 0
+
+        def lookup_key(self, key: BatchKey) -> BatchResult | IdempotencyConflict | None:
+            self.looked += 1
+            return None if self.looked == 1 else super().lookup_key(key)
+
+    ledger = LateLedger(tmp_path / "ledger.db")
+    # The other replica's commit: the key, with the old digest of the same body (its batch
+    # held no events here, so its answer, replayed, says 0 accepted: a new commit would
+    # have said 1).
+    assert ledger.record([[]], [BatchKey("-:late-key", hashlib.blake2b(
+        body, digest_size=16).digest())]) == [BatchResult(0, 0)]
+    cfg = parse_config(BASE_CONFIG, tmp_path, env={})
+    clock = FixedClock(datetime(2026, 3, 14, 12, tzinfo=UTC))
+    with TestClient(create_app(cfg, ledger, clock, price_db=price_db)) as client:
+        again = client.post("/v1/usage", content=body, headers={
+            "Idempotency-Key": "late-key", "Content-Type": "application/json"})
+        assert (again.status_code, again.headers.get("idempotent-replayed")) == (202, "true")
+        assert again.json() == {"accepted": 0, "duplicates": 0}
+        assert ledger.looked == 2  # the check, then the old digest after the conflict
         assert "llm_requests_total{" not in metrics(client)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal as D
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,7 @@ from llm_cost_exporter.ledger import (
 from llm_cost_exporter.ledger.sqlite import SQLiteLedger
 from llm_cost_exporter.ledger.sqlite_process import SQLiteProcessLedger
 from llm_cost_exporter.ledger.sqlite_queries import load_totals
+from llm_cost_exporter.ledger.sqlite_writer import FrameReader
 
 TS = datetime(2026, 3, 14, 12, tzinfo=UTC)
 KEY = SeriesKey("eng", "app", "openai", "gpt-4o", "success")
@@ -315,3 +318,27 @@ def test_in_process_and_writer_process_store_the_same(tmp_path: Path) -> None:
         assert rows[1][7] == "0.00100001"
         assert one.execute("SELECT * FROM totals").fetchall() == \
             two.execute("SELECT * FROM totals").fetchall()
+
+
+def test_frame_reader_reads_connection_frames_and_keeps_a_bounded_buffer() -> None:
+    """Frames as multiprocessing.connection writes them, read into the reused buffer; one
+    larger than KEEP_BYTES gets a buffer of its own, and the EOF of the server is seen."""
+    mine, theirs = socket.socketpair()
+    sender = Connection(mine.detach())
+    reader = FrameReader(theirs.fileno())
+    theirs.close()  # the reader holds its own duplicate
+    big = FrameReader.KEEP_BYTES + 1
+    frames = [b"R" + bytes(range(256)) * 4, b"", os.urandom(big), b"Q"]
+    writer = threading.Thread(target=lambda: [sender.send_bytes(f) for f in frames])
+    writer.start()
+    got = []
+    for _ in frames:
+        with reader.read() as frame:
+            got.append(bytes(frame))
+        assert len(reader._buf) <= FrameReader.KEEP_BYTES  # the big one was not kept
+    writer.join()
+    assert got == frames
+    sender.close()
+    with pytest.raises(EOFError):
+        reader.read()
+    reader.close()

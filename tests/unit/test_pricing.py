@@ -230,3 +230,29 @@ def test_cost_of_is_the_plain_formula_digit_for_digit(rates: Rates,
     assert [str(v) for v in (got.input, got.cache_read, got.cache_write, got.output)] == \
         [str(v) for v in (want.input, want.cache_read, want.cache_write, want.output)]
     assert str(rates.total_of(tokens)) == str(want.total)  # what ingest stores
+
+
+def test_a_price_that_changes_on_the_half_hour_is_not_held_past_it(db: GenAIPricesDB) -> None:
+    """genai-prices gives DeepSeek off-peak prices from 16:30 to 00:30 UTC (input 0.135
+    against 0.27 per 1M): one Pricer, asked within the same hour on both sides of :30."""
+    pricer = Pricer(PriceTable(), db)
+
+    def input_rate(hhmm: str) -> D:
+        price = pricer.resolve("deepseek", "deepseek-chat",
+                               datetime.fromisoformat(f"2026-03-14T{hhmm}:00+00:00"))
+        assert price is not None
+        return price.base.input
+
+    assert [input_rate(t) for t in ("00:10", "00:29", "00:40", "00:10", "16:20", "16:40")] \
+        == [D("0.135"), D("0.135"), D("0.27"), D("0.135"), D("0.27"), D("0.135")]
+    # The same answers in a time zone of another offset (+05:30): 06:10 there is 00:40 UTC.
+    at = datetime.fromisoformat("2026-03-14T06:10:00+05:30")
+    price = pricer.resolve("deepseek", "deepseek-chat", at)
+    assert price is not None and price.base.input == D("0.27")
+
+
+def test_a_price_at_the_end_of_time_does_not_overflow(db: GenAIPricesDB) -> None:
+    pricer = Pricer(PriceTable(), db)
+    last = datetime(9999, 12, 31, 23, 50, tzinfo=UTC)  # its 15-minute span ends past max
+    first = pricer.resolve("openai", "gpt-4o", last)
+    assert first is not None and pricer.resolve("openai", "gpt-4o", last) is first

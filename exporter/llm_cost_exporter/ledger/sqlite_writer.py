@@ -148,6 +148,10 @@ class FrameReader:
     the next read.
     """
 
+    # The buffer kept between frames grows up to this (a full group of MAX_EVENTS_PER_COMMIT
+    # events is about 1 MB); a larger frame gets a buffer of its own, freed after it.
+    KEEP_BYTES = 4 << 20
+
     def __init__(self, fd: int) -> None:
         # A socket of its own over a duplicate of the descriptor: the Connection keeps
         # the original, for sending and for closing.
@@ -156,18 +160,22 @@ class FrameReader:
 
     def read(self) -> memoryview:
         """The next frame; EOFError when the other end has closed."""
-        self._fill(0, 4)
+        self._fill(self._buf, 4)
         (size,) = struct.unpack_from("!i", self._buf)
         if size == -1:
-            self._fill(0, 8)
+            self._fill(self._buf, 8)
             (size,) = struct.unpack_from("!Q", self._buf)
-        if size > len(self._buf):
-            self._buf = bytearray(size)
-        self._fill(0, size)
-        return memoryview(self._buf)[:size]
+        buf = self._buf
+        if size > len(buf):
+            buf = bytearray(size)
+            if size <= self.KEEP_BYTES:
+                self._buf = buf
+        self._fill(buf, size)
+        return memoryview(buf)[:size]
 
-    def _fill(self, start: int, end: int) -> None:
-        with memoryview(self._buf) as view:
+    def _fill(self, buf: bytearray, end: int) -> None:
+        start = 0
+        with memoryview(buf) as view:
             while start < end:
                 got = self._sock.recv_into(view[start:end])
                 if got == 0:
