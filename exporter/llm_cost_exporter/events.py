@@ -95,7 +95,7 @@ class UsageEvent(Struct, frozen=True, gc=False, array_like=True):
             raise ValueError("timestamp: must be timezone-aware")
 
 
-class Cost(Struct, frozen=True, gc=False, array_like=True):
+class Cost(Struct, frozen=True, gc=False):
     """Cost of one event in USD, per bucket, exact."""
 
     input: Decimal = Decimal(0)

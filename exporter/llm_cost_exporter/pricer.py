@@ -24,7 +24,6 @@ from llm_cost_exporter.pricing import PriceSet
 log = logging.getLogger(__name__)
 
 _DATE_SUFFIX = re.compile(r"(-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8})$")
-# Our provider names -> genai-prices provider ids where they differ.
 _ZERO = Decimal(0)
 # Database prices change at dated snapshots and, for some models, at a time of day on the
 # hour or the half hour (genai-prices 0.2.3: DeepSeek's off-peak prices from 16:30 to 00:30
@@ -33,6 +32,7 @@ SPAN_SECONDS = 900
 _SPAN = timedelta(seconds=SPAN_SECONDS)
 # The span of a price from the user's table: it never changes while running.
 _ALWAYS = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
+# Our provider names -> genai-prices provider ids where they differ.
 _DB_PROVIDER = {"gemini": "google", "vertex": "google", "bedrock": "aws", "xai": "x-ai"}
 
 
