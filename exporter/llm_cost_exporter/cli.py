@@ -16,6 +16,9 @@ from llm_cost_exporter.validation import ConfigError
 log = logging.getLogger("llm_cost_exporter")
 
 
+_FIRST_AT = datetime(1970, 1, 1, tzinfo=UTC)
+_LAST_AT = datetime(9998, 12, 31, tzinfo=UTC)
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-cost-exporter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +109,9 @@ def _price(args: argparse.Namespace) -> int:
     if at is None or at.tzinfo is None:  # as ingest: a time without an offset is not guessed
         print("error: --at must be an RFC 3339 time with an offset (e.g. 2026-03-14T12:00:00Z)",
               file=sys.stderr)
+        return 2
+    if not _FIRST_AT <= at <= _LAST_AT:  # the price tables' date arithmetic overflows past these
+        print("error: --at must be between 1970 and 9998", file=sys.stderr)
         return 2
     try:
         if args.usage:

@@ -114,6 +114,10 @@ def test_price_command_needs_an_offset_in_at(capsys: pytest.CaptureFixture[str])
     assert main([*args, "--at", "yesterday"]) == 2
     assert main([*args, "--at", "2026-03-14T12:00:00Z"]) == 0
     assert main([*args, "--at", "2026-03-14T12:00:00z"]) == 0  # as ingest reads it
-    assert main([*args, "--at", "9999-12-31T23:30:00Z"]) == 0
+    assert main([*args, "--at", "9998-12-30T23:50:00Z"]) == 0
     # 1,000,000 input tokens × 0.15 per 1M = 0.15, three times
     assert capsys.readouterr().out.count("total USD: 0.15\n") == 3
+    # Where the price tables' date arithmetic would overflow: refused, not a traceback.
+    for at in ("9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00", "1969-12-31T23:59Z"):
+        assert main([*args, "--at", at]) == 2
+        assert "--at must be between 1970 and 9998" in capsys.readouterr().err
