@@ -14,10 +14,10 @@ from llm_cost_exporter.ledger.base import LedgerUnavailable
 from llm_cost_exporter.validation import ConfigError
 
 log = logging.getLogger("llm_cost_exporter")
-
-
+# The range `price --at` takes: the price tables' date arithmetic overflows past it.
 _FIRST_AT = datetime(1970, 1, 1, tzinfo=UTC)
 _LAST_AT = datetime(9998, 12, 31, tzinfo=UTC)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-cost-exporter", description=__doc__)
@@ -110,7 +110,7 @@ def _price(args: argparse.Namespace) -> int:
         print("error: --at must be an RFC 3339 time with an offset (e.g. 2026-03-14T12:00:00Z)",
               file=sys.stderr)
         return 2
-    if not _FIRST_AT <= at <= _LAST_AT:  # the price tables' date arithmetic overflows past these
+    if not _FIRST_AT <= at <= _LAST_AT:
         print("error: --at must be between 1970 and 9998", file=sys.stderr)
         return 2
     try:

@@ -131,8 +131,8 @@ class Pricer:
         rates = None
         if price is not None:
             rates = price.rates_for(tokens)
-            if tokens.output and rates.output is None:
-                rates = None  # output tokens on a model priced for input only (covers())
+            if not rates.covers(tokens):
+                rates = None  # e.g. output tokens on a model priced for input only
         if price is None or rates is None:
             key = (event.provider, event.model)
             # Bounded: distinct names from a misbehaving client must not grow memory or log.

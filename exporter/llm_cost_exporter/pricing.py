@@ -33,6 +33,10 @@ class Rates:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_terms", _Terms(self))
 
+    def covers(self, tokens: TokenCounts) -> bool:
+        """False for output tokens on a model priced for input only (embeddings)."""
+        return tokens.output == 0 or self.output is not None
+
     def cost_of(self, tokens: TokenCounts) -> Cost:
         """The cost of these tokens at these rates: per bucket, (tokens x rate) / 1M."""
         return Cost(*self._buckets(tokens))
@@ -135,7 +139,7 @@ class PriceSet:
         return chosen
 
     def covers(self, tokens: TokenCounts) -> bool:
-        return tokens.output == 0 or self.rates_for(tokens).output is not None
+        return self.rates_for(tokens).covers(tokens)
 
     def cost(self, tokens: TokenCounts) -> Cost:
         return self.rates_for(tokens).cost_of(tokens)
